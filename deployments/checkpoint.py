@@ -1,0 +1,193 @@
+"""Where a Ministral 3 checkpoint lives, and the language-model view vLLM loads.
+
+A published Ministral 3 checkpoint is one `Mistral3ForConditionalGeneration`
+(vision tower + projector + language model) in Hugging Face layout. The
+decoder stage runs only the language model in vLLM, so it hands vLLM a *view*
+of the checkpoint: a directory whose `config.json` is the text config (with
+the checkpoint's quantization settings kept) and whose weight files are
+symlinks to the original shards. No weight is copied or converted; the
+registered model class (`deployments.language_model`) maps the multimodal
+weight names onto the text model and skips the vision weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+# Registered with vLLM by `deployments.language_model.register` (a vLLM plugin).
+LANGUAGE_MODEL_ARCHITECTURE = "MinistralServeLanguageModel"
+
+# Files a published checkpoint repository holds that the service reads.
+CHECKPOINT_FILE_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tekken.json",
+    "SYSTEM_PROMPT.txt",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+]
+
+DEMO_SOURCE = "demo"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing a file or is not a Ministral 3 checkpoint."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MINISTRAL_SERVE_CACHE", Path.home() / ".cache" / "ministral-serve"))
+
+
+def resolve_checkpoint(source: str, *, demo_seed: int = 0, demo_variant: str = "instruct") -> Path:
+    """A local directory holding the checkpoint named by `source`.
+
+    `source` is a local directory, a Hugging Face repository id (downloaded
+    once into the HF cache), or `demo` for the generated demo checkpoint.
+    Safe to call from several processes at once.
+    """
+    if source == DEMO_SOURCE:
+        from serve.demo_checkpoint import write_demo_checkpoint
+
+        target = cache_root() / f"demo-{demo_variant}-seed{demo_seed}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not (target / "config.json").exists():
+                write_demo_checkpoint(target, seed=demo_seed, variant=demo_variant)
+        return target
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise CheckpointError(
+            f"model.source {source!r} is neither an existing directory nor a Hugging Face "
+            "repository id like 'mistralai/Ministral-3-3B-Instruct-2512' (or 'demo')"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILE_PATTERNS))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The files of a Ministral 3 checkpoint the service reads."""
+
+    path: Path
+    config: dict
+
+    @classmethod
+    def open(cls, path: Path) -> Checkpoint:
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path} has no config.json")
+        config = json.loads(config_file.read_text())
+        if "text_config" not in config:
+            raise CheckpointError(
+                f"{config_file} has no text_config: expected a Mistral3ForConditionalGeneration "
+                f"checkpoint, got architectures={config.get('architectures')}"
+            )
+        if not (path / "tekken.json").exists():
+            raise CheckpointError(f"{path} has no tekken.json (the Mistral tokenizer)")
+        return cls(path=path, config=config)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / "tekken.json"
+
+    @property
+    def text_config(self) -> dict:
+        return self.config["text_config"]
+
+    def system_prompt(self, today: dt.date) -> str | None:
+        """The checkpoint's default system prompt with its date placeholders filled."""
+        prompt_file = self.path / "SYSTEM_PROMPT.txt"
+        if not prompt_file.exists():
+            return None
+        yesterday = today - dt.timedelta(days=1)
+        # str.replace, not str.format: the prompt may hold other braces.
+        return (
+            prompt_file.read_text(encoding="utf-8")
+            .replace("{today}", today.isoformat())
+            .replace("{yesterday}", yesterday.isoformat())
+        )
+
+    def weight_files(self) -> list[Path]:
+        """The HF-layout safetensors shards (never Mistral's `consolidated.safetensors`)."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.path / name for name in shard_names]
+        shards = sorted(self.path.glob("model*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.path} has no model*.safetensors weight files")
+        return shards
+
+
+def language_model_config(checkpoint_config: dict) -> dict:
+    """The `config.json` of the language-model view of a Ministral 3 checkpoint.
+
+    The text config becomes the top-level config, under our registered
+    architecture. The checkpoint's `quantization_config` is kept as it is:
+    its module names (`lm_head`, `model.vision_tower`, ...) are mapped onto
+    the text model by the model class's weight mapper, exactly as vLLM does
+    for the multimodal model.
+    """
+    text = copy.deepcopy(checkpoint_config["text_config"])
+    text["architectures"] = [LANGUAGE_MODEL_ARCHITECTURE]
+    text.setdefault("model_type", "ministral3")
+    dtype = text.get("dtype") or text.get("torch_dtype") or checkpoint_config.get("dtype")
+    dtype = dtype or checkpoint_config.get("torch_dtype")
+    if dtype:
+        text["torch_dtype"] = dtype
+    if "quantization_config" in checkpoint_config:
+        text["quantization_config"] = copy.deepcopy(checkpoint_config["quantization_config"])
+    # vLLM's Mistral attention applies Llama-4 query scaling only when the
+    # config carries `llama_4_scaling` (the key of Mistral's params.json);
+    # transformers' Ministral 3 reads it from `rope_parameters`. Without this
+    # vLLM would silently diverge from the model beyond the original context.
+    rope = text.get("rope_parameters") or {}
+    if rope.get("llama_4_scaling_beta") is not None:
+        text["llama_4_scaling"] = {
+            "beta": rope["llama_4_scaling_beta"],
+            "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        }
+    return text
+
+
+def write_language_model_view(checkpoint: Checkpoint) -> Path:
+    """Write (once) the language-model view of `checkpoint` and return its directory."""
+    view_config = language_model_config(checkpoint.config)
+    weight_files = checkpoint.weight_files()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"config": view_config, "weights": [str(p.resolve()) for p in weight_files]},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    view_dir = cache_root() / "language-model-views" / fingerprint
+    view_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(view_dir) + ".lock"):
+        if (view_dir / "config.json").exists():
+            return view_dir
+        view_dir.mkdir(exist_ok=True)
+        for source in [
+            *weight_files,
+            checkpoint.path / "model.safetensors.index.json",
+            checkpoint.path / "generation_config.json",
+            checkpoint.tokenizer_file,
+        ]:
+            if source.exists():
+                link = view_dir / source.name
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(source.resolve())
+        # config.json last: its presence marks a complete view.
+        (view_dir / "config.json").write_text(json.dumps(view_config, indent=2) + "\n")
+    return view_dir

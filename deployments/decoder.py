@@ -1,0 +1,157 @@
+"""Decoder stage: vLLM's AsyncLLM on the Ministral 3 language model.
+
+`DecoderEngine` does the work and runs without Ray; `Decoder` is the thin Ray
+Serve deployment around it. The engine gets token ids (text prompts) and will
+get `prompt_embeds` (prompts with images, built from the encoder's output),
+so `enable_prompt_embeds` is always on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from deployments.checkpoint import Checkpoint, resolve_checkpoint, write_language_model_view
+from deployments.messages import DecodeChunk, DecodeRequest, EngineInfo, SamplingSettings
+from serve.config import AppConfig, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def engine_args(engine: EngineConfig, *, model_dir: str, tokenizer_dir: str):
+    """vLLM engine arguments for a decoder replica."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=model_dir,
+        tokenizer=tokenizer_dir,
+        tokenizer_mode="mistral",
+        dtype=engine.dtype,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        enforce_eager=engine.enforce_eager,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        enable_prompt_embeds=True,
+        # Decoder replicas report their own metrics; vLLM's periodic log
+        # lines would only repeat them.
+        disable_log_stats=True,
+    )
+
+
+def cpu_environment(engine: EngineConfig) -> dict[str, str]:
+    """Environment vLLM's CPU backend reads at engine start-up."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_space_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_omp_threads_bind,
+    }
+
+
+class DecoderEngine:
+    """One vLLM engine serving the language model of a Ministral 3 checkpoint."""
+
+    def __init__(self, config: AppConfig):
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        checkpoint = Checkpoint.open(
+            resolve_checkpoint(
+                config.model.source,
+                demo_seed=config.model.demo_seed,
+                demo_variant=config.model.demo_variant,
+            )
+        )
+        view_dir = write_language_model_view(checkpoint)
+        if current_platform.is_cpu():
+            os.environ.update(cpu_environment(config.engine))
+        self.engine = AsyncLLM.from_engine_args(
+            engine_args(config.engine, model_dir=str(view_dir), tokenizer_dir=str(checkpoint.path))
+        )
+        model_config = self.engine.model_config
+        # Sampling defaults of the checkpoint's generation_config.json, as vLLM reads them.
+        self.default_sampling = model_config.get_diff_sampling_param()
+        self.info = EngineInfo(
+            max_model_len=model_config.max_model_len,
+            vocab_size=model_config.get_vocab_size(),
+        )
+        logger.info(
+            "decoder ready: %s, max_model_len=%d, sampling defaults %s",
+            checkpoint.path,
+            self.info.max_model_len,
+            self.default_sampling,
+        )
+
+    def sampling_params(self, settings: SamplingSettings):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        requested = {
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": settings.seed,
+            "presence_penalty": settings.presence_penalty,
+            "frequency_penalty": settings.frequency_penalty,
+        }
+        params = {**self.default_sampling}
+        params.update({name: value for name, value in requested.items() if value is not None})
+        params.pop("max_tokens", None)
+        return SamplingParams(
+            **params,
+            max_tokens=settings.max_tokens,
+            stop=settings.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeChunk]:
+        """Stream the completion; cancelling the iteration aborts the request in vLLM."""
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.engine.generate(
+            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+            self.sampling_params(request.sampling),
+            request.request_id,
+        )
+        async for output in outputs:
+            completion = output.outputs[0]
+            yield DecodeChunk(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                finish_reason=completion.finish_reason if output.finished else None,
+            )
+
+    def num_unfinished_requests(self) -> int:
+        return self.engine.get_num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+@serve.deployment(name="Decoder", health_check_period_s=10, health_check_timeout_s=60)
+class Decoder:
+    def __init__(self, config: AppConfig):
+        self._engine = DecoderEngine(config)
+
+    async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeChunk]:
+        async for chunk in self._engine.generate(request):
+            yield chunk
+
+    async def engine_info(self) -> EngineInfo:
+        return self._engine.info
+
+    async def num_unfinished_requests(self) -> int:
+        return self._engine.num_unfinished_requests()
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self):
+        self._engine.shutdown()

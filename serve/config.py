@@ -1,0 +1,176 @@
+"""The application's configuration: one pydantic tree, validated at start-up.
+
+`build_app` (serve/app.py) takes the raw `args` of a Serve config file,
+validates them into `AppConfig`, and only then binds deployments. Unknown keys
+are errors, so a typo fails at deploy time instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(
+        default="demo",
+        description=(
+            "Where the checkpoint is: a local directory, a Hugging Face repository id "
+            "(e.g. 'mistralai/Ministral-3-3B-Instruct-2512'), or 'demo' for the generated "
+            "demo checkpoint (random weights, meaningless output)."
+        ),
+    )
+    served_name: str | None = Field(
+        default=None,
+        description=(
+            "Model name clients send in `model` and see in /v1/models. Defaults to the "
+            "repository id, the directory name, or 'ministral-3-demo'."
+        ),
+    )
+    demo_seed: int = Field(default=0, description="Seed of the demo checkpoint (source 'demo').")
+    demo_variant: Literal["instruct", "reasoning"] = Field(
+        default="instruct", description="Which demo checkpoint to generate (source 'demo')."
+    )
+
+    @property
+    def name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if self.source == "demo":
+            return "ministral-3-demo"
+        return self.source.rstrip("/").split("/")[-1] if "/" in self.source else self.source
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings of each decoder replica."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Compute dtype; 'auto' takes the checkpoint's (bfloat16 for Ministral 3).",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description=(
+            "Longest prompt + completion in tokens. None uses the checkpoint's maximum "
+            "(262,144 for Ministral 3), which needs KV-cache room for one full sequence."
+        ),
+    )
+    max_num_seqs: int = Field(default=64, ge=1, description="Most sequences batched at once.")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Token budget of one engine step (None: vLLM's default)."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of GPU memory vLLM may use (weights + activations + KV cache).",
+    )
+    cpu_kv_cache_space_gib: int = Field(
+        default=2,
+        ge=1,
+        description="KV-cache size on CPU machines (vLLM's VLLM_CPU_KVCACHE_SPACE), in GiB.",
+    )
+    cpu_omp_threads_bind: str = Field(
+        default="auto",
+        description="vLLM's VLLM_CPU_OMP_THREADS_BIND on CPU machines ('auto', 'all', '0-3').",
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per pipeline stage.")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages.")
+    enforce_eager: bool = Field(
+        default=True,
+        description="Skip CUDA-graph / torch.compile warm-up (faster start, slower steps).",
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prefixes.")
+
+
+class AutoscalingBounds(_Strict):
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas started under load.")
+    target_ongoing_requests: float = Field(
+        default=16, gt=0, description="Requests in flight per replica that autoscaling aims for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Replicas and resources of one stage."""
+
+    num_replicas: int | None = Field(
+        default=1, ge=1, description="Fixed replica count; null to autoscale within `autoscaling`."
+    )
+    autoscaling: AutoscalingBounds | None = Field(
+        default=None, description="Autoscaling bounds (used when num_replicas is null)."
+    )
+    num_cpus: float = Field(default=0.0, ge=0.0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0.0, description="GPUs (or a fraction) per replica.")
+    max_ongoing_requests: int = Field(
+        default=256, ge=1, description="Requests one replica accepts before Serve queues them."
+    )
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> DeploymentConfig:
+        if self.num_replicas is None and self.autoscaling is None:
+            raise ValueError("set either num_replicas or autoscaling")
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set num_replicas or autoscaling, not both (num_replicas: null)")
+        return self
+
+    def serve_options(self) -> dict:
+        """Keyword arguments of `Deployment.options` for this stage."""
+        options: dict = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+class DeploymentsConfig(_Strict):
+    ingress: DeploymentConfig = Field(
+        default_factory=DeploymentConfig,
+        description="HTTP ingress: validation, chat templating, SSE framing.",
+    )
+    decoder: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=1.0, max_ongoing_requests=512),
+        description="vLLM decoder replicas.",
+    )
+
+
+class LimitsConfig(_Strict):
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
+    )
+
+
+class AppConfig(_Strict):
+    """Arguments of `serve.app:build_app` (the `args:` of a Serve config file)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    use_default_system_prompt: bool = Field(
+        default=True,
+        description=(
+            "Prepend the checkpoint's SYSTEM_PROMPT.txt (dates filled in) when a "
+            "conversation has no system message."
+        ),
+    )
+
