@@ -7,6 +7,7 @@ are errors, so a typo fails at deploy time instead of being ignored.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,7 +44,9 @@ class ModelConfig(_Strict):
             return self.served_name
         if self.source == "demo":
             return "ministral-3-demo"
-        return self.source.rstrip("/").split("/")[-1] if "/" in self.source else self.source
+        looks_like_path = self.source.startswith((".", "/", "~")) or self.source.count("/") != 1
+        # A Hugging Face id is served under its full name, as vLLM does.
+        return Path(self.source).name if looks_like_path else self.source
 
 
 class EngineConfig(_Strict):

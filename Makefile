@@ -1,0 +1,23 @@
+# The two commands of the README. Both install what they need into .venv/ first.
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-fast lint
+
+serve:
+	scripts/install.sh cpu
+	.venv/bin/ministral-serve run --port $(PORT)
+
+test:
+	scripts/install.sh cpu,test
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier: no Ray, no vLLM engine.
+test-fast:
+	scripts/install.sh cpu,test
+	.venv/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint:
+	scripts/install.sh cpu,test
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

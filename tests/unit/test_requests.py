@@ -1,0 +1,90 @@
+"""Request parsing and the context-length budget: client mistakes are 4xx naming the field."""
+
+import json
+
+import pytest
+
+from deployments.messages import EngineInfo
+from serve.errors import BadRequest, RequestTooLarge
+from serve.ingress import completion_budget, parse_body
+
+LIMIT = 1 << 20
+
+
+def body(**fields) -> bytes:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"model": "m"}).encode(), "messages"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "model"),
+        (body(messages=[]), "messages"),
+        (body(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
+        (body(max_tokens="ten"), "max_tokens"),
+        (body(max_tokens=0), "max_tokens"),
+        (body(temperature=3.5), "temperature"),
+        (body(top_p=0), "top_p"),
+        (body(presence_penalty=-3), "presence_penalty"),
+        (body(stop=""), "stop"),
+        (body(seed="x"), "seed"),
+        (body(stream="yes please"), "stream"),
+        (body(stream_options={"include_usage": True}), None),
+        (body(n=2), "n"),
+    ],
+)
+def test_malformed_requests_name_the_field(raw, param):
+    with pytest.raises(BadRequest) as caught:
+        parse_body(raw, LIMIT)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param
+    if param:
+        assert caught.value.message.startswith(param)
+
+
+def test_oversized_body_is_413():
+    with pytest.raises(RequestTooLarge):
+        parse_body(body(messages=[{"role": "user", "content": "x" * 5000}]), 4096)
+
+
+def test_unknown_fields_are_accepted_and_reported():
+    request = parse_body(body(metadata={"a": 1}, store=False), LIMIT)
+    assert request.unknown_fields() == ["metadata", "store"]
+    assert request.unsupported_fields() == []
+
+
+def test_fields_not_implemented_are_refused_not_ignored():
+    request = parse_body(body(tools=[{"type": "function", "function": {"name": "f"}}]), LIMIT)
+    assert request.unsupported_fields() == ["tools"]
+    assert parse_body(body(tools=None), LIMIT).unsupported_fields() == []
+
+
+def test_stop_and_token_limit_accessors():
+    request = parse_body(body(stop="END", max_tokens=5, max_completion_tokens=7), LIMIT)
+    assert request.stop_sequences == ["END"]
+    assert request.completion_token_limit == 7
+
+
+INFO = EngineInfo(max_model_len=100, vocab_size=131072)
+
+
+def test_budget_defaults_to_the_rest_of_the_context():
+    assert completion_budget(parse_body(body(), LIMIT), 30, INFO) == 70
+
+
+def test_budget_over_the_context_is_refused_with_the_numbers():
+    with pytest.raises(BadRequest) as caught:
+        completion_budget(parse_body(body(max_tokens=80), LIMIT), 30, INFO)
+    assert caught.value.param == "max_tokens"
+    assert "110" in caught.value.message and "100" in caught.value.message
+
+
+def test_prompt_filling_the_context_is_refused():
+    with pytest.raises(BadRequest) as caught:
+        completion_budget(parse_body(body(), LIMIT), 100, INFO)
+    assert caught.value.param == "messages"
+    assert caught.value.code == "context_length_exceeded"
