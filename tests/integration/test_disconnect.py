@@ -1,0 +1,44 @@
+"""A client that goes away mid-stream frees its request in the engine."""
+
+import json
+import time
+
+import httpx
+
+
+def unfinished(decoder_handle) -> int:
+    return decoder_handle.num_unfinished_requests.remote().result(timeout_s=30)
+
+
+def wait_for(predicate, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_disconnect_aborts_the_engine_request(service, decoder_handle):
+    assert wait_for(lambda: unfinished(decoder_handle) == 0)
+    payload = {
+        "model": service.model,
+        "messages": [{"role": "user", "content": "Go on forever."}],
+        "max_tokens": 1900,
+        # Greedy: this prompt's greedy completion does not end early on its own.
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{service.base_url}/v1/chat/completions", json=payload) as response:
+        assert response.status_code == 200
+        received = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: ") :])
+                assert chunk["choices"][0].get("finish_reason") is None
+                received += 1
+            if received >= 3:
+                break
+        assert unfinished(decoder_handle) == 1
+    # The connection is closed here, long before 1900 tokens.
+    assert wait_for(lambda: unfinished(decoder_handle) == 0), "the engine kept generating for a gone client"

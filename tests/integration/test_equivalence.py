@@ -1,0 +1,55 @@
+"""The service's greedy output equals the reference implementation's.
+
+Reference: transformers' `Mistral3ForConditionalGeneration` (the monolithic
+multimodal model) on the same checkpoint and the same prompt token ids.
+Both run in float32 (the service via `engine.dtype`): in bfloat16, vLLM's
+CPU kernels and torch's eager ops round differently, and near-ties between
+the top two logits would flip greedy tokens for reasons unrelated to
+correctness.
+"""
+
+import pytest
+import torch
+from transformers import Mistral3ForConditionalGeneration
+
+MAX_NEW_TOKENS = 24
+
+CONVERSATIONS = {
+    "short": [{"role": "user", "content": "Hello there, how are you?"}],
+    "system-and-turns": [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And of Spain?"},
+    ],
+    "unicode": [{"role": "user", "content": "Ünïcödé — 東京 🚀 and numbers 12345"}],
+    # Past the demo's original_max_position_embeddings (256): exercises YaRN
+    # and the Llama-4 query scaling the language-model view hands to vLLM.
+    "long": [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 40}],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    return Mistral3ForConditionalGeneration.from_pretrained(service.checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_greedy_tokens_equal_transformers(client, service, reference, name):
+    response = client.chat.completions.create(
+        model=service.model,
+        messages=CONVERSATIONS[name],
+        max_tokens=MAX_NEW_TOKENS,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    service_ids = response.choices[0].model_extra["token_ids"]
+    if name == "long":
+        assert len(prompt_ids) > 256
+    with torch.no_grad():
+        generated = reference.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=None
+        )
+    reference_ids = generated[0, len(prompt_ids) :].tolist()
+    assert service_ids == reference_ids
