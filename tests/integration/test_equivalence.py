@@ -52,4 +52,8 @@ def test_greedy_tokens_equal_transformers(client, service, reference, name):
             torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=None
         )
     reference_ids = generated[0, len(prompt_ids) :].tolist()
+    if response.choices[0].finish_reason == "stop":
+        # Ended on the end-of-sequence token, which the reference generated too.
+        reference_ids = reference_ids[: len(service_ids)]
+        assert service_ids[-1] == reference.generation_config.eos_token_id
     assert service_ids == reference_ids
