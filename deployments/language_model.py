@@ -71,6 +71,4 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if LANGUAGE_MODEL_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            LANGUAGE_MODEL_ARCHITECTURE, f"{__name__}:{LANGUAGE_MODEL_ARCHITECTURE}"
-        )
+        ModelRegistry.register_model(LANGUAGE_MODEL_ARCHITECTURE, f"{__name__}:{LANGUAGE_MODEL_ARCHITECTURE}")

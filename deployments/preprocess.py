@@ -36,9 +36,7 @@ class ChatPreprocessor:
         today: Callable[[], dt.date] = dt.date.today,
     ):
         self.checkpoint = checkpoint
-        self.tokenizer = MistralTokenizer.from_file(
-            str(checkpoint.tokenizer_file), mode=ValidationMode.test
-        )
+        self.tokenizer = MistralTokenizer.from_file(str(checkpoint.tokenizer_file), mode=ValidationMode.test)
         self._use_default_system_prompt = use_default_system_prompt
         self._today = today
 
@@ -55,9 +53,7 @@ class ChatPreprocessor:
             if system_prompt:
                 mistral_messages.insert(0, SystemMessage(content=system_prompt))
         try:
-            tokenized = self.tokenizer.encode_chat_completion(
-                MistralChatRequest(messages=mistral_messages)
-            )
+            tokenized = self.tokenizer.encode_chat_completion(MistralChatRequest(messages=mistral_messages))
         except (MistralCommonException, ValueError) as e:
             raise BadRequest(f"messages: {e}", param="messages") from e
         return PreprocessedRequest(prompt_token_ids=list(tokenized.tokens))

@@ -40,9 +40,9 @@ def _run(args: argparse.Namespace) -> None:
     print(
         f"\nministral-serve is up at {base} serving model {config.model.name!r}.\n"
         f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f"    -d '{{\"model\": \"{config.model.name}\", "
-        f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n"
-        f"  OpenAI client: OpenAI(base_url=\"{base}/v1\", api_key=\"unused\")\n"
+        f'    -d \'{{"model": "{config.model.name}", '
+        f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+        f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="unused")\n'
         "Ctrl-C stops it.",
         flush=True,
     )
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     demo.add_argument("output", type=Path, help="directory to write")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--variant", choices=["instruct", "reasoning", "instruct-fp8-config"], default="instruct")
+    demo.add_argument(
+        "--variant", choices=["instruct", "reasoning", "instruct-fp8-config"], default="instruct"
+    )
     demo.set_defaults(handler=_demo_checkpoint)
 
     run = commands.add_parser("run", help="start the service on a local Ray instance")

@@ -103,8 +103,7 @@ class AutoscalingBounds(_Strict):
     def _ordered(self) -> AutoscalingBounds:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed max_replicas "
-                f"({self.max_replicas})"
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
             )
         return self
 
@@ -176,4 +175,3 @@ class AppConfig(_Strict):
             "conversation has no system message."
         ),
     )
-

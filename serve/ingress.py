@@ -241,7 +241,9 @@ class Ingress:
                 model=self._model_name,
                 choices=[choice] if choice else [],
                 usage=usage,
-                prompt_token_ids=decode.prompt_token_ids if with_ids and choice and choice.delta.role else None,
+                prompt_token_ids=decode.prompt_token_ids
+                if with_ids and choice and choice.delta.role
+                else None,
             ).model_dump_json(exclude_none=True)
 
         yield _sse(chunk_json(ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))))

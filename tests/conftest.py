@@ -7,7 +7,9 @@ import pytest
 def pytest_configure(config):
     # Nothing a test writes (demo checkpoints, language-model views) lands in
     # the user's cache.
-    os.environ.setdefault("MINISTRAL_SERVE_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "ministral-serve"))
+    os.environ.setdefault(
+        "MINISTRAL_SERVE_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "ministral-serve")
+    )
 
 
 def pytest_collection_modifyitems(items):

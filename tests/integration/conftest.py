@@ -43,12 +43,17 @@ def service(demo_checkpoint) -> Service:
     config = AppConfig.model_validate(
         {
             "model": {"source": str(demo_checkpoint), "served_name": "demo"},
-            "engine": {"dtype": "float32", "max_model_len": 2048, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 32},
+            "engine": {
+                "dtype": "float32",
+                "max_model_len": 2048,
+                "cpu_kv_cache_space_gib": 1,
+                "max_num_seqs": 32,
+            },
             "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_cpus": 1}},
         }
     )
     port = _free_port()
-    os.environ["RAY_worker_niceness"] = "0"
+    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
     ray.init(
         num_cpus=2,
         include_dashboard=False,

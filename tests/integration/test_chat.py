@@ -36,7 +36,9 @@ def test_completion_and_usage_match_mistral_common(client, service):
         .replace("{yesterday}", (today - dt.timedelta(days=1)).isoformat())
     )
     expected_prompt = tokenizer.encode_chat_completion(
-        ChatCompletionRequest(messages=[SystemMessage(content=system_prompt), UserMessage(content="Tell me a story.")])
+        ChatCompletionRequest(
+            messages=[SystemMessage(content=system_prompt), UserMessage(content="Tell me a story.")]
+        )
     ).tokens
     assert response.model_extra["prompt_token_ids"] == expected_prompt
     assert response.usage.prompt_tokens == len(expected_prompt)
@@ -48,7 +50,9 @@ def test_completion_and_usage_match_mistral_common(client, service):
 
 def test_stream_equals_the_non_streamed_completion(client, service):
     whole = ask(client, service, max_tokens=16, **GREEDY).choices[0].message.content
-    stream = ask(client, service, max_tokens=16, stream=True, stream_options={"include_usage": True}, **GREEDY)
+    stream = ask(
+        client, service, max_tokens=16, stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -86,7 +90,11 @@ def test_stop_sequence_ends_the_completion_before_it(client, service):
 
 def test_seed_makes_sampling_reproducible(client, service):
     def sample(seed):
-        return ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS).choices[0].model_extra["token_ids"]
+        return (
+            ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS)
+            .choices[0]
+            .model_extra["token_ids"]
+        )
 
     assert sample(7) == sample(7)
     assert len({tuple(sample(seed)) for seed in (1, 2, 3)}) > 1
@@ -97,7 +105,11 @@ def test_sampling_defaults_come_from_generation_config(client, service):
     explicit = {"temperature": generation_config["temperature"], "top_p": generation_config["top_p"]}
 
     def sample(seed, **params):
-        return ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, **params).choices[0].model_extra["token_ids"]
+        return (
+            ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, **params)
+            .choices[0]
+            .model_extra["token_ids"]
+        )
 
     seeds = (1, 2, 3)
     with_defaults = [sample(seed) for seed in seeds]
@@ -123,7 +135,10 @@ def test_concurrent_async_streams(service):
 
     async def one(i):
         stream = await client.chat.completions.create(
-            model=service.model, messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=8, stream=True,
+            model=service.model,
+            messages=[{"role": "user", "content": f"Story {i}"}],
+            max_tokens=8,
+            stream=True,
             stream_options={"include_usage": True},
         )
         return [c async for c in stream][-1].usage.completion_tokens

@@ -29,7 +29,10 @@ def test_disconnect_aborts_the_engine_request(service, decoder_handle):
         "temperature": 0,
         "stream": True,
     }
-    with httpx.Client(timeout=60) as http, http.stream("POST", f"{service.base_url}/v1/chat/completions", json=payload) as response:
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{service.base_url}/v1/chat/completions", json=payload) as response,
+    ):
         assert response.status_code == 200
         received = 0
         for line in response.iter_lines():

@@ -37,8 +37,20 @@ USER = [{"role": "user", "content": "hi"}]
         ({"model": "demo", "messages": USER, "temperature": -1}, None, 400, "temperature", "temperature"),
         ({"model": "gpt-4o", "messages": USER}, None, 404, "model", "gpt-4o"),
         ({"model": "demo", "messages": USER, "max_tokens": 5000}, None, 400, "max_tokens", "2048"),
-        ({"model": "demo", "messages": [{"role": "user", "content": "word " * 2100}]}, None, 400, "messages", "2048"),
-        ({"model": "demo", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, None, 400, "tools", "not supported"),
+        (
+            {"model": "demo", "messages": [{"role": "user", "content": "word " * 2100}]},
+            None,
+            400,
+            "messages",
+            "2048",
+        ),
+        (
+            {"model": "demo", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            None,
+            400,
+            "tools",
+            "not supported",
+        ),
     ],
 )
 def test_bad_request_then_service_still_answers(client, service, payload, content, status, param, text):

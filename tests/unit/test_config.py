@@ -28,7 +28,11 @@ def test_unknown_keys_are_errors():
 def test_autoscaling_bounds_are_ordered():
     with pytest.raises(ValidationError, match="min_replicas"):
         AppConfig.model_validate(
-            {"deployments": {"decoder": {"num_replicas": None, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}}}
+            {
+                "deployments": {
+                    "decoder": {"num_replicas": None, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}
+                }
+            }
         )
 
 
@@ -44,7 +48,9 @@ def test_replicas_xor_autoscaling():
 
 def test_served_name_defaults():
     assert AppConfig().model.name == "ministral-3-demo"
-    assert AppConfig.model_validate({"model": {"source": "mistralai/Ministral-3-3B-Instruct-2512"}}).model.name == (
-        "mistralai/Ministral-3-3B-Instruct-2512"
+    assert AppConfig.model_validate(
+        {"model": {"source": "mistralai/Ministral-3-3B-Instruct-2512"}}
+    ).model.name == ("mistralai/Ministral-3-3B-Instruct-2512")
+    assert (
+        AppConfig.model_validate({"model": {"source": "/models/my-ministral/"}}).model.name == "my-ministral"
     )
-    assert AppConfig.model_validate({"model": {"source": "/models/my-ministral/"}}).model.name == "my-ministral"

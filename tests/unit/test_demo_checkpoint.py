@@ -21,7 +21,13 @@ def _digest(path):
 
 def test_files_of_the_published_layout(demo_checkpoint):
     names = {p.name for p in demo_checkpoint.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tekken.json", "SYSTEM_PROMPT.txt"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tekken.json",
+        "SYSTEM_PROMPT.txt",
+    } <= names
     config = json.loads((demo_checkpoint / "config.json").read_text())
     assert config["architectures"] == ["Mistral3ForConditionalGeneration"]
     assert config["text_config"]["model_type"] == "ministral3"
@@ -43,8 +49,6 @@ def test_weight_names_follow_the_hf_multimodal_layout(demo_checkpoint):
     assert not any(k.endswith("lm_head.weight") for k in keys)
 
 
-
-
 def test_deterministic_from_seed(demo_checkpoint, tmp_path):
     again = write_demo_checkpoint(tmp_path / "again", seed=0)
     other = write_demo_checkpoint(tmp_path / "other", seed=1)
@@ -58,7 +62,9 @@ def test_tokenizer_is_tekken_with_ministral3_image_settings(demo_checkpoint):
     for token in ("[THINK]", "[/THINK]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"):
         assert inner.get_special_token(token) >= 0
     image = Image.new("RGB", (100, 60), (200, 10, 10))
-    request = ChatCompletionRequest(messages=[UserMessage(content=[ImageChunk(image=image), TextChunk(text="?")])])
+    request = ChatCompletionRequest(
+        messages=[UserMessage(content=[ImageChunk(image=image), TextChunk(text="?")])]
+    )
     tokens = tokenizer.encode_chat_completion(request).tokens
     img, brk, end = (inner.get_special_token(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
     # Patch 14 and spatial merge 2: 100x60 px -> 4 columns x 3 rows of image tokens.

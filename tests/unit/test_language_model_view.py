@@ -61,8 +61,14 @@ def test_fp8_view_keeps_quantization_and_vllm_skips_the_bf16_modules():
         ("language_model.model.embed_tokens.weight", "model.embed_tokens.weight"),
         ("language_model.lm_head.weight", "lm_head.weight"),
         ("lm_head.weight", "lm_head.weight"),
-        ("model.language_model.layers.0.self_attn.k_proj.weight_scale_inv", "model.layers.0.self_attn.k_proj.weight_scale"),
-        ("language_model.model.layers.0.mlp.up_proj.activation_scale", "model.layers.0.mlp.up_proj.input_scale"),
+        (
+            "model.language_model.layers.0.self_attn.k_proj.weight_scale_inv",
+            "model.layers.0.self_attn.k_proj.weight_scale",
+        ),
+        (
+            "language_model.model.layers.0.mlp.up_proj.activation_scale",
+            "model.layers.0.mlp.up_proj.input_scale",
+        ),
         ("vision_tower.transformer.layers.0.attention.q_proj.weight", None),
         ("model.vision_tower.patch_conv.weight", None),
         ("multi_modal_projector.linear_1.weight", None),
@@ -78,7 +84,9 @@ def test_view_links_weights_without_copying(demo_checkpoint):
     weights = view_dir / "model.safetensors"
     assert weights.is_symlink() and weights.resolve() == (demo_checkpoint / "model.safetensors").resolve()
     assert (view_dir / "tekken.json").is_symlink()
-    assert json.loads((view_dir / "config.json").read_text())["architectures"] == [LANGUAGE_MODEL_ARCHITECTURE]
+    assert json.loads((view_dir / "config.json").read_text())["architectures"] == [
+        LANGUAGE_MODEL_ARCHITECTURE
+    ]
     # Written once: a second call returns the same directory.
     assert write_language_model_view(Checkpoint.open(demo_checkpoint)) == view_dir
 

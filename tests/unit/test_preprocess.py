@@ -31,17 +31,24 @@ def reference_ids(tokenizer, messages):
 
 def test_default_system_prompt_has_dates_filled(preprocessor, reference_tokenizer, demo_checkpoint):
     expected_prompt = (
-        (demo_checkpoint / "SYSTEM_PROMPT.txt").read_text().replace("{today}", "2026-03-01").replace("{yesterday}", "2026-02-28")
+        (demo_checkpoint / "SYSTEM_PROMPT.txt")
+        .read_text()
+        .replace("{today}", "2026-03-01")
+        .replace("{yesterday}", "2026-02-28")
     )
     assert "2026-02-28" in expected_prompt
     ids = preprocessor.encode_chat([ChatMessage(role="user", content="Hi")]).prompt_token_ids
-    assert ids == reference_ids(reference_tokenizer, [SystemMessage(content=expected_prompt), UserMessage(content="Hi")])
+    assert ids == reference_ids(
+        reference_tokenizer, [SystemMessage(content=expected_prompt), UserMessage(content="Hi")]
+    )
 
 
 def test_client_system_message_replaces_the_default(preprocessor, reference_tokenizer):
     messages = [
         ChatMessage(role="system", content="Be terse."),
-        ChatMessage(role="user", content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]),
+        ChatMessage(
+            role="user", content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]
+        ),
         ChatMessage(role="assistant", content="Hello."),
         ChatMessage(role="user", content="Again"),
     ]
@@ -65,7 +72,9 @@ def test_no_default_system_prompt_when_disabled(demo_checkpoint, reference_token
 
 def test_conversation_ending_with_assistant_is_a_400(preprocessor):
     with pytest.raises(BadRequest) as caught:
-        preprocessor.encode_chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Yo")])
+        preprocessor.encode_chat(
+            [ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Yo")]
+        )
     assert caught.value.param == "messages"
 
 

@@ -1,0 +1,36 @@
+"""The console entry points, and the code style the project holds itself to."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_demo_checkpoint_command_writes_a_checkpoint(tmp_path):
+    target = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "demo-checkpoint", str(target), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "meaningless" in result.stdout
+    config = json.loads((target / "config.json").read_text())
+    assert config["architectures"] == ["Mistral3ForConditionalGeneration"]
+    assert (target / "model.safetensors").stat().st_size > 0
+
+
+def test_unknown_subcommand_fails_with_usage():
+    result = subprocess.run([sys.executable, "-m", "serve", "frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "demo-checkpoint" in result.stderr
+
+
+def test_ruff_lint_and_format_are_clean():
+    ruff = Path(sys.executable).parent / "ruff"
+    for command in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run([str(ruff), *command], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
