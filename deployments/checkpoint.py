@@ -22,6 +22,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from serve.config import ModelConfig
+
 # Registered with vLLM by `deployments.language_model.register` (a vLLM plugin).
 LANGUAGE_MODEL_ARCHITECTURE = "MinistralServeLanguageModel"
 
@@ -73,6 +75,13 @@ def resolve_checkpoint(source: str, *, demo_seed: int = 0, demo_variant: str = "
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILE_PATTERNS))
+
+
+def open_checkpoint(model: ModelConfig) -> Checkpoint:
+    """The checkpoint named by the `model` section of the config, fetched or generated if needed."""
+    return Checkpoint.open(
+        resolve_checkpoint(model.source, demo_seed=model.demo_seed, demo_variant=model.demo_variant)
+    )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.checkpoint import Checkpoint, resolve_checkpoint, write_language_model_view
+from deployments.checkpoint import open_checkpoint, write_language_model_view
 from deployments.messages import DecodeChunk, DecodeRequest, EngineInfo, SamplingSettings
 from serve.config import AppConfig, EngineConfig
 
@@ -60,13 +60,7 @@ class DecoderEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        checkpoint = Checkpoint.open(
-            resolve_checkpoint(
-                config.model.source,
-                demo_seed=config.model.demo_seed,
-                demo_variant=config.model.demo_variant,
-            )
-        )
+        checkpoint = open_checkpoint(config.model)
         view_dir = write_language_model_view(checkpoint)
         if current_platform.is_cpu():
             os.environ.update(cpu_environment(config.engine))

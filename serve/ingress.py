@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.checkpoint import Checkpoint, resolve_checkpoint
+from deployments.checkpoint import open_checkpoint
 from deployments.messages import DecodeChunk, DecodeRequest, EngineInfo, SamplingSettings
 from deployments.preprocess import ChatPreprocessor
 from serve.config import AppConfig
@@ -128,13 +128,7 @@ class Ingress:
     def __init__(self, config: AppConfig, decoder: DeploymentHandle):
         self._config = config
         self._decoder = decoder
-        checkpoint = Checkpoint.open(
-            resolve_checkpoint(
-                config.model.source,
-                demo_seed=config.model.demo_seed,
-                demo_variant=config.model.demo_variant,
-            )
-        )
+        checkpoint = open_checkpoint(config.model)
         self._preprocessor = ChatPreprocessor(
             checkpoint, use_default_system_prompt=config.use_default_system_prompt
         )
