@@ -148,4 +148,7 @@ class Decoder:
         await self._engine.check_health()
 
     def __del__(self):
-        self._engine.shutdown()
+        # Stops vLLM's engine-core process with the replica; absent if
+        # __init__ failed before the engine started.
+        if engine := getattr(self, "_engine", None):
+            engine.shutdown()
