@@ -99,6 +99,7 @@ class DecoderEngine:
             **params,
             max_tokens=settings.max_tokens,
             stop=settings.stop or None,
+            ignore_eos=settings.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -24,6 +24,7 @@ class SamplingSettings:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

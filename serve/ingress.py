@@ -180,6 +180,7 @@ class Ingress:
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 stop=request.stop_sequences,
+                ignore_eos=request.ignore_eos,
             ),
         )
         chunks = self._decoder.generate.options(stream=True).remote(decode_request)

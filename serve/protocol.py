@@ -89,8 +89,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM extension: return the prompt's and the completion's token ids.
+    # vLLM extensions: return the prompt's and the completion's token ids;
+    # keep generating past the end-of-sequence token (load tests).
     return_token_ids: bool = False
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -25,8 +25,8 @@ def test_disconnect_aborts_the_engine_request(service, decoder_handle):
         "model": service.model,
         "messages": [{"role": "user", "content": "Go on forever."}],
         "max_tokens": 1900,
-        # Greedy: this prompt's greedy completion does not end early on its own.
-        "temperature": 0,
+        # vLLM's extension: the end-of-sequence token does not end it early.
+        "ignore_eos": True,
         "stream": True,
     }
     with (
@@ -34,14 +34,12 @@ def test_disconnect_aborts_the_engine_request(service, decoder_handle):
         http.stream("POST", f"{service.base_url}/v1/chat/completions", json=payload) as response,
     ):
         assert response.status_code == 200
-        received = 0
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[len("data: ") :])
-                assert chunk["choices"][0].get("finish_reason") is None
-                received += 1
-            if received >= 3:
-                break
+        # Held in a variable: a `for` loop left with `break` would drop the
+        # line iterator, and closing it closes the connection too early.
+        lines = response.iter_lines()
+        chunks = (json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: {"))
+        for _ in range(3):
+            assert next(chunks)["choices"][0].get("finish_reason") is None
         assert unfinished(decoder_handle) == 1
     # The connection is closed here, long before 1900 tokens.
     assert wait_for(lambda: unfinished(decoder_handle) == 0), "the engine kept generating for a gone client"
