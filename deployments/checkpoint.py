@@ -114,6 +114,16 @@ class Checkpoint:
     def text_config(self) -> dict:
         return self.config["text_config"]
 
+    @property
+    def dtype(self) -> str:
+        return checkpoint_dtype(self.config)
+
+    def special_token_id(self, token: str) -> int:
+        """Rank of a special token such as [IMG] in the checkpoint's own tokenizer file."""
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        return Tekkenizer.from_file(self.tokenizer_file).get_special_token(token)
+
     def system_prompt(self, today: dt.date) -> str | None:
         """The checkpoint's default system prompt with its date placeholders filled."""
         prompt_file = self.path / "SYSTEM_PROMPT.txt"
@@ -139,6 +149,25 @@ class Checkpoint:
         return shards
 
 
+def checkpoint_dtype(checkpoint_config: dict) -> str:
+    """The dtype a Ministral 3 checkpoint computes in (FP8 checkpoints: their unquantized dtype)."""
+    text = checkpoint_config["text_config"]
+    return (
+        text.get("dtype")
+        or text.get("torch_dtype")
+        or checkpoint_config.get("dtype")
+        or checkpoint_config.get("torch_dtype")
+        or "bfloat16"
+    )
+
+
+def resolve_dtype(name: str, checkpoint: Checkpoint):
+    """The torch dtype of an `engine.dtype` setting ('auto': the checkpoint's)."""
+    import torch
+
+    return getattr(torch, checkpoint.dtype if name == "auto" else name)
+
+
 def language_model_config(checkpoint_config: dict) -> dict:
     """The `config.json` of the language-model view of a Ministral 3 checkpoint.
 
@@ -151,10 +180,7 @@ def language_model_config(checkpoint_config: dict) -> dict:
     text = copy.deepcopy(checkpoint_config["text_config"])
     text["architectures"] = [LANGUAGE_MODEL_ARCHITECTURE]
     text.setdefault("model_type", "ministral3")
-    dtype = text.get("dtype") or text.get("torch_dtype") or checkpoint_config.get("dtype")
-    dtype = dtype or checkpoint_config.get("torch_dtype")
-    if dtype:
-        text["torch_dtype"] = dtype
+    text["torch_dtype"] = checkpoint_dtype(checkpoint_config)
     if "quantization_config" in checkpoint_config:
         text["quantization_config"] = copy.deepcopy(checkpoint_config["quantization_config"])
     # vLLM's Mistral attention applies Llama-4 query scaling only when the

@@ -1,9 +1,12 @@
 """Decoder stage: vLLM's AsyncLLM on the Ministral 3 language model.
 
 `DecoderEngine` does the work and runs without Ray; `Decoder` is the thin Ray
-Serve deployment around it. The engine gets token ids (text prompts) and will
-get `prompt_embeds` (prompts with images, built from the encoder's output),
-so `enable_prompt_embeds` is always on.
+Serve deployment around it. Text prompts reach vLLM as token ids. Prompts with
+images reach it in vLLM's mixed mode: the token ids, plus `prompt_embeds` whose
+[IMG] rows are the encoder's image-token embeddings (the other rows are unused
+and left zero: vLLM embeds those positions from their token ids). That is the
+arithmetic of the monolithic `Mistral3ForConditionalGeneration`, which
+replaces the [IMG] rows of the token embeddings with the image features.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from deployments.checkpoint import open_checkpoint, write_language_model_view
-from deployments.messages import DecodeChunk, DecodeRequest, EngineInfo, SamplingSettings
+from deployments.messages import (
+    DecodeChunk,
+    DecodeRequest,
+    EngineInfo,
+    ImageTokenEmbeddings,
+    SamplingSettings,
+)
 from serve.config import AppConfig, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -45,6 +54,29 @@ def engine_args(engine: EngineConfig, *, model_dir: str, tokenizer_dir: str):
     )
 
 
+def engine_prompt(token_ids: list[int], images: ImageTokenEmbeddings | None, image_token_id: int, dtype):
+    """vLLM's prompt: token ids, or token ids + image-token embeddings (mixed mode)."""
+    import torch
+    from vllm.inputs import EmbedsPrompt, TokensPrompt
+
+    if images is None:
+        return TokensPrompt(prompt_token_ids=token_ids)
+    is_image_token = torch.tensor(token_ids) == image_token_id
+    image_rows = images.embeddings  # [num_image_tokens, hidden_size]
+    if int(is_image_token.sum()) != image_rows.shape[0]:
+        raise ValueError(
+            f"the prompt has {int(is_image_token.sum())} [IMG] tokens but the encoder "
+            f"returned {image_rows.shape[0]} image-token embeddings"
+        )
+    embeds = torch.zeros(len(token_ids), image_rows.shape[1], dtype=dtype)  # [num_prompt_tokens, hidden]
+    embeds[is_image_token] = image_rows.to(dtype)
+    return EmbedsPrompt(
+        prompt_embeds=embeds,
+        prompt_token_ids=token_ids,
+        prompt_is_token_ids=(~is_image_token).tolist(),
+    )
+
+
 def cpu_environment(engine: EngineConfig) -> dict[str, str]:
     """Environment vLLM's CPU backend reads at engine start-up."""
     return {
@@ -61,6 +93,7 @@ class DecoderEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         checkpoint = open_checkpoint(config.model)
+        self.image_token_id = checkpoint.special_token_id("[IMG]")
         view_dir = write_language_model_view(checkpoint)
         if current_platform.is_cpu():
             os.environ.update(cpu_environment(config.engine))
@@ -103,12 +136,14 @@ class DecoderEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeChunk]:
+    async def generate(
+        self, request: DecodeRequest, images: ImageTokenEmbeddings | None = None
+    ) -> AsyncIterator[DecodeChunk]:
         """Stream the completion; cancelling the iteration aborts the request in vLLM."""
-        from vllm.inputs import TokensPrompt
-
         outputs = self.engine.generate(
-            TokensPrompt(prompt_token_ids=request.prompt_token_ids),
+            engine_prompt(
+                request.prompt_token_ids, images, self.image_token_id, self.engine.model_config.dtype
+            ),
             self.sampling_params(request.sampling),
             request.request_id,
         )
@@ -135,8 +170,12 @@ class Decoder:
     def __init__(self, config: AppConfig):
         self._engine = DecoderEngine(config)
 
-    async def generate(self, request: DecodeRequest) -> AsyncIterator[DecodeChunk]:
-        async for chunk in self._engine.generate(request):
+    async def generate(
+        self, request: DecodeRequest, images: ImageTokenEmbeddings | None = None
+    ) -> AsyncIterator[DecodeChunk]:
+        # `images` arrives as the encoder's DeploymentResponse, resolved by
+        # Serve in this replica: the embeddings never pass through the ingress.
+        async for chunk in self._engine.generate(request, images):
             yield chunk
 
     async def engine_info(self) -> EngineInfo:

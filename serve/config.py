@@ -147,11 +147,96 @@ class DeploymentConfig(_Strict):
 class DeploymentsConfig(_Strict):
     ingress: DeploymentConfig = Field(
         default_factory=DeploymentConfig,
-        description="HTTP ingress: validation, chat templating, SSE framing.",
+        description="HTTP ingress: validation, chat templating of text-only requests, SSE framing.",
+    )
+    preprocess: DeploymentConfig = Field(
+        default_factory=DeploymentConfig,
+        description="Image requests: fetch and decode images, chat template with image tokens (CPU).",
+    )
+    encoder: DeploymentConfig = Field(
+        default_factory=DeploymentConfig,
+        description=(
+            "Pixtral vision tower + projector. On a GPU machine give it a GPU or a fraction of "
+            "the decoder's (then lower engine.gpu_memory_utilization to leave it room)."
+        ),
     )
     decoder: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=1.0, max_ongoing_requests=512),
         description="vLLM decoder replicas.",
+    )
+
+    @model_validator(mode="after")
+    def _shared_gpu_fits(self) -> DeploymentsConfig:
+        encoder, decoder = self.encoder.num_gpus, self.decoder.num_gpus
+        if 0 < encoder < 1 and 0 < decoder < 1 and encoder + decoder > 1:
+            raise ValueError(
+                f"encoder.num_gpus ({encoder}) + decoder.num_gpus ({decoder}) exceed one GPU: "
+                "to share a GPU their fractions must sum to at most 1"
+            )
+        return self
+
+
+AspectMode = Literal["keep", "crop", "pad"]
+
+
+class AspectRatioPolicy(_Strict):
+    """The model card's advice: images close to 1:1 work best."""
+
+    mode: AspectMode = Field(
+        default="keep",
+        description=(
+            "'keep' sends images as they are; 'crop' centre-crops, 'pad' pads (with the "
+            "normalisation mean colour) images whose long/short side ratio exceeds "
+            "`max_aspect_ratio`, down to that ratio."
+        ),
+    )
+    max_aspect_ratio: float = Field(
+        default=2.0, ge=1.0, description="Long side / short side above which 'crop' or 'pad' applies."
+    )
+
+
+class ImagesConfig(_Strict):
+    """Limits and policies of the image path (preprocess stage)."""
+
+    max_images_per_request: int = Field(
+        default=8, ge=0, description="Most images in one request (all messages together); 0 disables images."
+    )
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        ge=1024,
+        description="Largest encoded image (fetched or data URL), in bytes.",
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description=(
+            "Largest decoded image, width x height. Checked before pixels are decoded; Pillow's "
+            "own decompression-bomb guard stays on behind it."
+        ),
+    )
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="Time limit for fetching one image URL.")
+    max_redirects: int = Field(default=3, ge=0, description="Redirects followed when fetching an image URL.")
+    allow_private_networks: bool = Field(
+        default=False,
+        description=(
+            "Fetch image URLs whose host resolves to a loopback, private, link-local or reserved "
+            "address. Off by default so that clients cannot make the service reach internal hosts."
+        ),
+    )
+    aspect_ratio: AspectRatioPolicy = Field(default_factory=AspectRatioPolicy)
+
+
+class EncoderConfig(_Strict):
+    """Vision encoder settings of each encoder replica (its dtype is `engine.dtype`)."""
+
+    max_batch_size: int = Field(default=8, ge=1, description="Most images encoded in one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        default=0.005, ge=0, description="How long a batch waits for more images before it runs."
+    )
+    cache_bytes: int = Field(
+        default=1024**3,
+        ge=0,
+        description="Byte budget of the LRU cache of image-token embeddings (per replica); 0 disables it.",
     )
 
 
@@ -166,6 +251,8 @@ class AppConfig(_Strict):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     use_default_system_prompt: bool = Field(

@@ -21,8 +21,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.checkpoint import open_checkpoint
-from deployments.messages import DecodeChunk, DecodeRequest, EngineInfo, SamplingSettings
-from deployments.preprocess import ChatPreprocessor
+from deployments.messages import (
+    DecodeChunk,
+    DecodeRequest,
+    EngineInfo,
+    PreprocessedRequest,
+    SamplingSettings,
+)
+from deployments.preprocess import ChatPreprocessor, image_positions
 from serve.config import AppConfig
 from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
 from serve.protocol import (
@@ -36,6 +42,7 @@ from serve.protocol import (
     ModelCard,
     ModelList,
     Usage,
+    error_param,
     error_payload,
     new_completion_id,
 )
@@ -88,9 +95,10 @@ def parse_body(raw: bytes, max_bytes: int) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise BadRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from e
+        # Of a union's failed alternatives, the one that got furthest names the real problem.
+        errors = [(error_param(error["loc"]), error["msg"]) for error in e.errors()]
+        param, message = max(errors, key=lambda error: len(error[0] or ""))
+        raise BadRequest(f"{param}: {message}" if param else message, param=param) from e
 
 
 def completion_budget(request: ChatCompletionRequest, prompt_tokens: int, info: EngineInfo) -> int:
@@ -122,12 +130,42 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+# Defined before the class: @serve.ingress snapshots the class's globals when it is applied.
+def _stage_error(error: Exception, stage: str) -> APIError:
+    """What a failure in a downstream stage means to the client."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    # A stage's own error arrives wrapped once per hop (encoder -> decoder -> here).
+    while isinstance(error, RayTaskError) and isinstance(error.cause, Exception):
+        error = error.cause
+    if isinstance(error, APIError):
+        return error
+    if isinstance(
+        error, ActorDiedError | ActorUnavailableError | DeploymentUnavailableError | ObjectLostError
+    ):
+        return ServiceUnavailable(f"the {stage} stage is unavailable; retry shortly")
+    if isinstance(error, BackPressureError):
+        return ServiceUnavailable(f"the {stage} stage is at capacity; retry shortly", code="overloaded")
+    logger.exception("%s stage failed", stage, exc_info=error)
+    return APIError(f"internal error in the {stage} stage")
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: AppConfig, decoder: DeploymentHandle):
+    def __init__(
+        self,
+        config: AppConfig,
+        decoder: DeploymentHandle,
+        preprocess: DeploymentHandle | None = None,
+        encoder: DeploymentHandle | None = None,
+    ):
         self._config = config
         self._decoder = decoder
+        # Absent when images are disabled (images.max_images_per_request: 0).
+        self._preprocess = preprocess
+        self._encoder = encoder
         checkpoint = open_checkpoint(config.model)
         self._preprocessor = ChatPreprocessor(
             checkpoint, use_default_system_prompt=config.use_default_system_prompt
@@ -166,9 +204,11 @@ class Ingress:
             )
         if unknown := request.unknown_fields():
             logger.info("ignoring unknown request fields %s", unknown)
-        prompt = self._preprocessor.encode_chat(request.messages)
+        prompt = await self._preprocessed(request)
         info = await self._info()
         max_tokens = completion_budget(request, len(prompt.prompt_token_ids), info)
+        # Not awaited: the embeddings go from the encoder to the decoder directly.
+        images = self._encoder.encode.remote(prompt.images) if prompt.images else None
         decode_request = DecodeRequest(
             request_id=new_completion_id(),
             prompt_token_ids=prompt.prompt_token_ids,
@@ -183,12 +223,29 @@ class Ingress:
                 ignore_eos=request.ignore_eos,
             ),
         )
-        chunks = self._decoder.generate.options(stream=True).remote(decode_request)
+        chunks = self._decoder.generate.options(stream=True).remote(decode_request, images)
         if request.stream:
             return StreamingResponse(
                 self._stream(request, decode_request, chunks), media_type="text/event-stream"
             )
         return await self._complete(request, decode_request, chunks)
+
+    async def _preprocessed(self, request: ChatCompletionRequest) -> PreprocessedRequest:
+        """Text: templated here. Images: fetched, decoded and templated by the Preprocess stage."""
+        num_images = len(image_positions(request.messages))
+        if not num_images:
+            tokenized = self._preprocessor.encode_chat(request.messages)
+            return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids)
+        limit = self._config.images.max_images_per_request
+        if num_images > limit or self._preprocess is None:
+            raise BadRequest(
+                f"messages: the request has {num_images} images; this service accepts at most {limit}",
+                param="messages",
+            )
+        try:
+            return await self._preprocess.preprocess.remote(request.messages)
+        except Exception as e:
+            raise _stage_error(e, "preprocess") from e
 
     async def _complete(
         self, request: ChatCompletionRequest, decode: DecodeRequest, chunks: AsyncIterator[DecodeChunk]
@@ -202,7 +259,7 @@ class Ingress:
                 token_ids.extend(chunk.token_ids)
                 finish_reason = chunk.finish_reason or finish_reason
         except Exception as e:
-            raise _stage_error(e) from e
+            raise _stage_error(e, "decoder") from e
         prompt_tokens = len(decode.prompt_token_ids)
         response = ChatCompletionResponse(
             id=decode.request_id,
@@ -255,7 +312,7 @@ class Ingress:
                 )
                 yield _sse(chunk_json(choice))
         except Exception as e:
-            error = _stage_error(e)
+            error = _stage_error(e, "decoder")
             logger.warning("stream %s failed: %s", decode.request_id, error.message)
             yield _sse(json.dumps(error_payload(error.message, error.error_type, None, None)))
             return
@@ -268,20 +325,3 @@ class Ingress:
             )
             yield _sse(chunk_json(None, usage))
         yield _sse("[DONE]")
-
-
-def _stage_error(error: Exception) -> APIError:
-    """What a failure in a downstream stage means to the client."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(error, APIError):
-        return error
-    if isinstance(error, RayTaskError) and isinstance(error.cause, APIError):
-        return error.cause
-    if isinstance(error, ActorDiedError | ActorUnavailableError | DeploymentUnavailableError):
-        return ServiceUnavailable("the decoder is unavailable; retry shortly")
-    if isinstance(error, BackPressureError):
-        return ServiceUnavailable("the decoder is at capacity; retry shortly", code="overloaded")
-    logger.exception("decoder stage failed", exc_info=error)
-    return APIError("internal error in the decoder stage")

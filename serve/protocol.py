@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class OpenAIBaseModel(BaseModel):
@@ -27,15 +27,59 @@ class TextContentPart(OpenAIBaseModel):
     text: str
 
 
+class ImageURL(OpenAIBaseModel):
+    # http(s):// or data:image/...;base64,...
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageContentPart(OpenAIBaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ContentPart(OpenAIBaseModel):
-    """Any other content part (images arrive with the vision path)."""
+    """Any other content part type: parsed so that the error can name it."""
 
     type: str
 
 
+def _content_part_kind(part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return kind if kind in ("text", "image_url") else "other"
+
+
+_UNION_MEMBER_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def error_param(location: tuple[str | int, ...]) -> str | None:
+    """A pydantic error location as the request field it names: `messages[0].content`.
+
+    Union member labels (`str`, `list[...]`, tags) are not fields and are dropped.
+    """
+    param = ""
+    for part in location:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.lower() in _UNION_MEMBER_LABELS or "[" in part or " " in part:
+            continue
+        else:
+            param += f".{part}" if param else part
+    return param or None
+
+
+# Tags with a space: `error_param` drops them from error locations.
+AnyContentPart = Annotated[
+    Annotated[TextContentPart, Tag("text part")]
+    | Annotated[ImageContentPart, Tag("image_url part")]
+    | Annotated[ContentPart, Tag("other part")],
+    Discriminator(lambda part: f"{_content_part_kind(part)} part"),
+]
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart | ContentPart] | None = None
+    content: str | list[AnyContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -47,7 +91,8 @@ class ChatMessage(OpenAIBaseModel):
         texts = []
         for part in self.content:
             if not isinstance(part, TextContentPart):
-                raise ValueError(f"content part type {part.type!r} is not supported")
+                where = "in user messages only" if isinstance(part, ImageContentPart) else "not supported"
+                raise ValueError(f"content part type {part.type!r} is {where}")
             texts.append(part.text)
         return "".join(texts)
 

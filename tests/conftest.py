@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.image_server import ImageServer
+
 
 def pytest_configure(config):
     # Nothing a test writes (demo checkpoints, language-model views) lands in
@@ -16,6 +18,13 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/integration" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    """Test images over HTTP on 127.0.0.1."""
+    with ImageServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

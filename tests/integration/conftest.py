@@ -9,19 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from serve.config import AppConfig
+
 APP_NAME = "ministral"
+# About five 100x60 px images' worth of image-token embeddings (12 tokens x 256 x 4 bytes each).
+ENCODER_CACHE_BYTES = 5 * 12 * 256 * 4
 
 
 @dataclass(frozen=True)
 class Service:
     base_url: str
+    metrics_url: str
     model: str
     checkpoint: Path
-    max_model_len: int
+    config: AppConfig
 
     @property
     def openai_url(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.engine.max_model_len
 
 
 def _free_port() -> int:
@@ -36,10 +45,10 @@ def service(demo_checkpoint) -> Service:
     from ray import serve
 
     from serve.app import build_app
-    from serve.config import AppConfig
 
     # float32 so that greedy tokens can be compared exactly with transformers:
     # vLLM's CPU kernels and torch's eager ops round bfloat16 differently.
+    # Two preprocess replicas, so that tests can see the stage scale out.
     config = AppConfig.model_validate(
         {
             "model": {"source": str(demo_checkpoint), "served_name": "demo"},
@@ -49,23 +58,42 @@ def service(demo_checkpoint) -> Service:
                 "cpu_kv_cache_space_gib": 1,
                 "max_num_seqs": 32,
             },
-            "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_cpus": 1}},
+            "encoder": {"cache_bytes": ENCODER_CACHE_BYTES},
+            "images": {
+                # The test image server runs on 127.0.0.1.
+                "allow_private_networks": True,
+                "max_images_per_request": 6,
+                "max_image_bytes": 1_000_000,
+                "max_image_pixels": 4_000_000,
+                "fetch_timeout_s": 3.0,
+                "max_redirects": 2,
+            },
+            "deployments": {
+                "ingress": {"num_cpus": 0},
+                "preprocess": {"num_replicas": 2, "num_cpus": 0},
+                "encoder": {"num_cpus": 0},
+                "decoder": {"num_cpus": 1},
+            },
         }
     )
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
+    # Metrics reach the export endpoint within a second instead of ten.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
     ray.init(
         num_cpus=2,
         include_dashboard=False,
+        _metrics_export_port=metrics_port,
         runtime_env={"env_vars": {"MINISTRAL_SERVE_CACHE": os.environ["MINISTRAL_SERVE_CACHE"]}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     yield Service(
         base_url=f"http://127.0.0.1:{port}",
+        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         model="demo",
         checkpoint=demo_checkpoint,
-        max_model_len=2048,
+        config=config,
     )
     serve.shutdown()
     ray.shutdown()

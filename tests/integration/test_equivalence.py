@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import Mistral3ForConditionalGeneration
 
+from tests.reference import greedy_reference
+
 MAX_NEW_TOKENS = 24
 
 CONVERSATIONS = {
@@ -47,11 +49,7 @@ def test_greedy_tokens_equal_transformers(client, service, reference, name):
     service_ids = response.choices[0].model_extra["token_ids"]
     if name == "long":
         assert len(prompt_ids) > 256
-    with torch.no_grad():
-        generated = reference.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=None
-        )
-    reference_ids = generated[0, len(prompt_ids) :].tolist()
+    reference_ids = greedy_reference(reference, prompt_ids, MAX_NEW_TOKENS)
     if response.choices[0].finish_reason == "stop":
         # Ended on the end-of-sequence token, which the reference generated too.
         reference_ids = reference_ids[: len(service_ids)]

@@ -1,16 +1,21 @@
 """Chat templating equals mistral_common's own encoding of the same conversation."""
 
+import asyncio
 import datetime as dt
 
+import numpy as np
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from deployments.checkpoint import Checkpoint
-from deployments.preprocess import ChatPreprocessor
+from deployments.preprocess import ChatPreprocessor, ImageLoader, content_hash
+from serve.config import ImagesConfig
 from serve.errors import BadRequest
 from serve.protocol import ChatMessage
+from tests.image_server import data_url, image_bytes
+from tests.reference import mistral_common_encoding
 
 TODAY = dt.date(2026, 3, 1)
 
@@ -83,3 +88,79 @@ def test_unsupported_content_part_names_the_message(preprocessor):
     with pytest.raises(BadRequest) as caught:
         preprocessor.encode_chat([message])
     assert caught.value.param == "messages[0].content"
+
+
+# Images: tiny, wide, tall, larger than the 1540 px longest edge, and ordinary.
+IMAGE_SIZES = {"tiny": (5, 3), "wide": (600, 40), "tall": (30, 500), "huge": (2000, 1200), "plain": (100, 60)}
+
+
+def image_part(name: str, fmt: str = "PNG", **save_args) -> dict:
+    data = image_bytes(IMAGE_SIZES[name], fmt=fmt, color=(255, 0, 0), **save_args)
+    return {"type": "image_url", "image_url": {"url": data_url(data, f"image/{fmt.lower()}")}}
+
+
+def ours(preprocessor, raw_messages):
+    messages = [ChatMessage.model_validate(m) for m in raw_messages]
+    loader = ImageLoader(ImagesConfig())
+    images = asyncio.run(loader.load(messages))
+    return preprocessor.encode_chat(messages, images)
+
+
+@pytest.mark.parametrize(
+    "raw_messages",
+    [
+        [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image_part("plain")]}],
+        [{"role": "user", "content": [image_part(name) for name in IMAGE_SIZES]}],
+        [
+            {"role": "user", "content": [image_part("wide", "JPEG"), {"type": "text", "text": "And this?"}]},
+            {"role": "assistant", "content": "A stripe."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Now"}, image_part("tall"), image_part("huge")],
+            },
+        ],
+    ],
+    ids=["one-image", "five-sizes", "images-in-earlier-turns"],
+)
+def test_image_prompts_equal_mistral_common(preprocessor, reference_tokenizer, demo_checkpoint, raw_messages):
+    system_prompt = preprocessor.default_system_prompt()
+    tokenized = ours(preprocessor, raw_messages)
+    expected = mistral_common_encoding(reference_tokenizer, raw_messages, system_prompt)
+    assert tokenized.prompt_token_ids == expected.tokens
+    assert len(tokenized.image_pixels) == len(expected.images)
+    for pixels, reference in zip(tokenized.image_pixels, expected.images, strict=True):
+        assert pixels.shape == reference.shape
+        assert pixels.dtype == np.float32
+        assert np.array_equal(pixels, reference)
+    # Every image fits the 1540 px limit, in whole 28 px (patch x merge) tiles.
+    for pixels in tokenized.image_pixels:
+        assert max(pixels.shape[1:]) <= 1540 + 27
+        assert pixels.shape[1] % 28 == 0 and pixels.shape[2] % 28 == 0
+
+
+def test_image_tokens_follow_the_tile_grid(preprocessor):
+    tokenized = ours(preprocessor, [{"role": "user", "content": [image_part("plain")]}])
+    img = preprocessor.image_token_id
+    # 100x60 px with 28 px tiles: 4 columns x 3 rows of [IMG].
+    assert tokenized.prompt_token_ids.count(img) == 12
+
+
+def test_content_hash_identifies_the_pixels(preprocessor):
+    first = ours(preprocessor, [{"role": "user", "content": [image_part("plain"), image_part("wide")]}])
+    again = ours(preprocessor, [{"role": "user", "content": [image_part("plain", compress_level=0)]}])
+    plain, wide = (content_hash(p) for p in first.image_pixels)
+    assert plain != wide
+    # The same picture encoded into other bytes is the same encoder input.
+    assert content_hash(again.image_pixels[0]) == plain
+
+
+def test_images_outside_user_messages_are_refused(preprocessor):
+    messages = [
+        ChatMessage(role="user", content="Hi"),
+        ChatMessage.model_validate({"role": "assistant", "content": [image_part("tiny")]}),
+        ChatMessage(role="user", content="Again"),
+    ]
+    with pytest.raises(BadRequest) as caught:
+        preprocessor.encode_chat(messages)
+    assert caught.value.param == "messages[1].content"
+    assert "user messages only" in caught.value.message

@@ -24,7 +24,16 @@ def body(**fields) -> bytes:
         (json.dumps({"model": "m"}).encode(), "messages"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "model"),
         (body(messages=[]), "messages"),
-        (body(messages=[{"role": "wizard", "content": "hi"}]), "messages.0.role"),
+        (body(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+        (body(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}]),
+            "messages[0].content[0].image_url",
+        ),
         (body(max_tokens="ten"), "max_tokens"),
         (body(max_tokens=0), "max_tokens"),
         (body(temperature=3.5), "temperature"),

@@ -1,0 +1,222 @@
+"""Encoder stage: images -> image-token embeddings (Pixtral tower + patch merger + projector).
+
+`VisionEncoder` is transformers' own vision half of `Mistral3Model` (the
+same modules and the same `get_image_features`), loaded with only the
+`vision_tower.*` and `multi_modal_projector.*` weights of the checkpoint.
+`EmbeddingCache` is an LRU of its outputs by image content hash, bounded in
+bytes. `Encoder` is the Ray Serve deployment: it batches images across
+concurrent requests, encodes each distinct image once, and answers repeats
+from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from ray import serve
+from safetensors import safe_open
+
+from deployments.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
+from deployments.gauges import LiveGauge
+from deployments.messages import ImageForEncoder, ImageTokenEmbeddings
+from serve.config import AppConfig
+
+logger = logging.getLogger(__name__)
+
+# Both weight-name layouts of published Mistral 3 checkpoints.
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+_NESTED_PREFIX = "model."
+
+
+def _vision_stack_class():
+    from transformers import AutoModel
+    from transformers.models.mistral3.modeling_mistral3 import (
+        Mistral3Model,
+        Mistral3MultiModalProjector,
+    )
+
+    class VisionStack(torch.nn.Module):
+        """The attributes of `Mistral3Model` that its `get_image_features` reads, and nothing else."""
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+            self.multi_modal_projector = Mistral3MultiModalProjector(config)
+
+        get_image_features = Mistral3Model.get_image_features
+
+    return VisionStack
+
+
+def vision_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The vision tower and projector weights, named as `VisionStack` names them."""
+    weights = {}
+    for shard in checkpoint.weight_files():
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                short = name.removeprefix(_NESTED_PREFIX)
+                if short.startswith(_VISION_PREFIXES):
+                    weights[short] = f.get_tensor(name)
+    return weights
+
+
+class VisionEncoder:
+    """Pixel arrays -> one embedding per [IMG] token, in the language model's hidden size."""
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: torch.dtype, device: str = "cpu"):
+        from transformers import Mistral3Config
+
+        config = Mistral3Config.from_pretrained(checkpoint.path)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        stack = _vision_stack_class()(config)
+        stack.load_state_dict(vision_state_dict(checkpoint), strict=True)
+        self.model = stack.to(device=self.device, dtype=dtype).eval()
+        self.tokens_per_side = config.vision_config.patch_size * config.spatial_merge_size
+
+    @torch.inference_mode()
+    def encode(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Encode images (each float32 [3, height, width]) in one forward pass.
+
+        Returns one tensor per image, [height/28 * width/28, text_hidden_size]
+        (28 = patch 14 x spatial merge 2), on the CPU.
+        """
+        max_height = max(image.shape[1] for image in images)
+        max_width = max(image.shape[2] for image in images)
+        # Padded to one batch; the tower crops each image back to its own size
+        # and attends within each image only (block-diagonal mask).
+        batch = np.zeros((len(images), 3, max_height, max_width), dtype=np.float32)
+        for i, image in enumerate(images):
+            batch[i, :, : image.shape[1], : image.shape[2]] = image
+        pixel_values = torch.from_numpy(batch).to(device=self.device, dtype=self.dtype)
+        image_sizes = torch.tensor([image.shape[1:] for image in images], device=self.device)
+        features = self.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True
+        ).pooler_output
+        return [feature.to("cpu") for feature in features]
+
+
+class EmbeddingCache:
+    """LRU of image-token embeddings by image content hash, within a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[str]:
+        """Least recently used first."""
+        return list(self._entries)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        embedding = self._entries.get(key)
+        if embedding is not None:
+            self._entries.move_to_end(key)
+        return embedding
+
+    def put(self, key: str, embedding: torch.Tensor) -> None:
+        size = embedding.numel() * embedding.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+        self._entries[key] = embedding
+        self.bytes += size
+
+
+class EncoderMetrics:
+    """The encoder's metrics (Ray Serve adds deployment, replica and application tags)."""
+
+    def __init__(self, cache: EmbeddingCache):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.images_encoded = Counter(
+            "ministral_encoder_images_encoded", description="Images run through the vision tower."
+        )
+        self.batch_size = Histogram(
+            "ministral_encoder_batch_size",
+            description="Images per encoder forward pass.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self.seconds = Histogram(
+            "ministral_encoder_seconds",
+            description="Time of one encoder forward pass.",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+        )
+        self.cache_hits = Counter(
+            "ministral_encoder_cache_hits", description="Images answered from the embedding cache."
+        )
+        self.cache_misses = Counter(
+            "ministral_encoder_cache_misses", description="Images that had to be encoded."
+        )
+        self.cache_bytes = LiveGauge(
+            "ministral_encoder_cache_bytes",
+            description="Bytes held by the embedding cache.",
+            read=lambda: cache.bytes,
+        )
+
+
+@serve.deployment(name="Encoder")
+class Encoder:
+    def __init__(self, config: AppConfig):
+        checkpoint = open_checkpoint(config.model)
+        device = "cuda" if torch.cuda.is_available() and config.deployments.encoder.num_gpus > 0 else "cpu"
+        self._vision = VisionEncoder(
+            checkpoint, dtype=resolve_dtype(config.engine.dtype, checkpoint), device=device
+        )
+        self._cache = EmbeddingCache(config.encoder.cache_bytes)
+        # One encoding per image even when several requests bring it at once.
+        self._in_flight: dict[str, asyncio.Future[torch.Tensor]] = {}
+        self._encode_batch.set_max_batch_size(config.encoder.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(config.encoder.batch_wait_timeout_s)
+        self._metrics = EncoderMetrics(self._cache)
+        logger.info(
+            "encoder ready on %s (%s), cache %d bytes", device, self._vision.dtype, self._cache.max_bytes
+        )
+
+    async def encode(self, images: list[ImageForEncoder]) -> ImageTokenEmbeddings:
+        embeddings = await asyncio.gather(*(self._embedding(image) for image in images))
+        return ImageTokenEmbeddings(embeddings=torch.cat(embeddings))
+
+    async def _embedding(self, image: ImageForEncoder) -> torch.Tensor:
+        key = image.content_hash
+        cached = self._cache.get(key)
+        if cached is None and key in self._in_flight:
+            cached = await asyncio.shield(self._in_flight[key])
+        if cached is not None:
+            self._metrics.cache_hits.inc()
+            return cached
+        self._metrics.cache_misses.inc()
+        future = asyncio.ensure_future(self._encode_new(image))
+        self._in_flight[key] = future
+        future.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        # Shielded: a cancelled request does not cancel the work others wait on.
+        return await asyncio.shield(future)
+
+    async def _encode_new(self, image: ImageForEncoder) -> torch.Tensor:
+        pixels = await image.pixels
+        embedding = await self._encode_batch(pixels)
+        self._cache.put(image.content_hash, embedding)
+        self._metrics.cache_bytes.update()
+        return embedding
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, batch: list[np.ndarray]) -> Iterable[torch.Tensor]:
+        started = time.perf_counter()
+        # The forward pass runs in a thread so the replica keeps taking requests.
+        embeddings = await asyncio.to_thread(self._vision.encode, batch)
+        self._metrics.seconds.observe(time.perf_counter() - started)
+        self._metrics.batch_size.observe(len(batch))
+        self._metrics.images_encoded.inc(len(batch))
+        return embeddings

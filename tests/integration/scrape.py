@@ -1,0 +1,56 @@
+"""Reading the service's metrics the way Prometheus does: over HTTP, in the exposition format."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample at a /metrics endpoint: (name, labels, value)."""
+    text = httpx.get(url, timeout=10).text
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def total(samples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        value
+        for sample_name, sample_labels, value in samples
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def by_label(samples, name: str, label: str, **labels: str) -> dict[str, float]:
+    """Sum of the samples of `name` (filtered by `labels`) per value of `label`."""
+    sums: dict[str, float] = {}
+    for sample_name, sample_labels, value in samples:
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items()):
+            sums[sample_labels[label]] = sums.get(sample_labels[label], 0.0) + value
+    return sums
+
+
+def settled(url: str, prefixes=("ray_serve_deployment_request_counter", "ray_ministral_"), timeout_s=30.0):
+    """Samples once the counters named by `prefixes` stop moving (exports lag requests by a second or two)."""
+
+    def watched(samples):
+        return sorted(
+            (name, sorted(labels.items()), value)
+            for name, labels, value in samples
+            if name.startswith(prefixes)
+        )
+
+    previous = watched(scrape(url))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(2.5)
+        samples = scrape(url)
+        if watched(samples) == previous or time.monotonic() > deadline:
+            return samples
+        previous = watched(samples)

@@ -1,0 +1,227 @@
+"""Images through the three image stages: equivalence with the monolithic model, stages, cache."""
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from openai import AsyncOpenAI
+from ray import serve
+from transformers import Mistral3ForConditionalGeneration
+
+from tests.image_server import data_url, image_bytes
+from tests.integration.conftest import APP_NAME, ENCODER_CACHE_BYTES
+from tests.integration.scrape import by_label, settled, total
+from tests.reference import checkpoint_system_prompt, greedy_reference, mistral_common_encoding
+
+MAX_NEW_TOKENS = 16
+REQUESTS = "ray_serve_deployment_request_counter_total"
+SIZES = {"tiny": (5, 3), "wide": (600, 40), "tall": (30, 500), "huge": (2000, 1200), "plain": (100, 60)}
+
+
+def image_url(name: str, seed_color=(255, 0, 0)) -> str:
+    return data_url(image_bytes(SIZES[name], color=seed_color))
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    return Mistral3ForConditionalGeneration.from_pretrained(service.checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(service):
+    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
+
+
+CONVERSATIONS = {
+    "one-image": [{"role": "user", "content": [text_part("Describe this."), image_part(image_url("plain"))]}],
+    "four-sizes": [
+        {
+            "role": "user",
+            "content": [image_part(image_url(name)) for name in ("tiny", "wide", "tall", "plain")]
+            + [text_part("Compare them.")],
+        }
+    ],
+    "larger-than-1540px": [
+        {"role": "user", "content": [image_part(image_url("huge")), text_part("And this?")]}
+    ],
+    "image-in-an-earlier-turn": [
+        {"role": "user", "content": [image_part(image_url("wide", (0, 255, 0))), text_part("What is it?")]},
+        {"role": "assistant", "content": "A green stripe."},
+        {"role": "user", "content": [text_part("And now this one:"), image_part(image_url("tall"))]},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_greedy_output_equals_the_monolithic_model(client, service, reference, tokenizer, name):
+    messages = CONVERSATIONS[name]
+    response = client.chat.completions.create(
+        model=service.model,
+        messages=messages,
+        max_tokens=MAX_NEW_TOKENS,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
+    # The prompt is mistral_common's encoding of the same request...
+    expected = mistral_common_encoding(tokenizer, messages, checkpoint_system_prompt(service.checkpoint))
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    assert prompt_ids == expected.tokens
+    # ...and the completion is transformers' Mistral3ForConditionalGeneration's on
+    # mistral_common's pixel arrays of the same images.
+    service_ids = response.choices[0].model_extra["token_ids"]
+    reference_ids = greedy_reference(reference, prompt_ids, MAX_NEW_TOKENS, expected.images)
+    if response.choices[0].finish_reason == "stop":
+        reference_ids = reference_ids[: len(service_ids)]
+    assert service_ids == reference_ids
+
+
+def test_an_http_url_gives_the_same_answer_as_a_data_url(client, service, image_server):
+    data = image_bytes(SIZES["plain"], color=(0, 0, 255))
+    http_url = image_server.add("blue.png", data)
+
+    def ask(url):
+        return client.chat.completions.create(
+            model=service.model,
+            messages=[{"role": "user", "content": [image_part(url), text_part("Colour?")]}],
+            max_tokens=8,
+            temperature=0,
+        )
+
+    assert ask(http_url).choices[0].message.content == ask(data_url(data)).choices[0].message.content
+    assert "/files/blue.png" in image_server.requests
+
+
+def test_streamed_image_answer_equals_the_whole_one(client, service):
+    messages = CONVERSATIONS["one-image"]
+    whole = client.chat.completions.create(
+        model=service.model, messages=messages, max_tokens=10, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=service.model,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def deployment_status(name: str):
+    return serve.status().applications[APP_NAME].deployments[name]
+
+
+def test_each_stage_serves_image_requests_and_text_skips_the_image_stages(service):
+    async def concurrently(contents):
+        client = AsyncOpenAI(base_url=service.openai_url, api_key="unused", timeout=120, max_retries=0)
+
+        async def ask(content):
+            response = await client.chat.completions.create(
+                model=service.model, messages=[{"role": "user", "content": content}], max_tokens=4
+            )
+            return response.usage.completion_tokens
+
+        async with client:
+            return await asyncio.gather(*(ask(content) for content in contents))
+
+    def requests_to(samples, deployment):
+        return by_label(samples, REQUESTS, "replica", deployment=deployment, application=APP_NAME)
+
+    for name, replicas in (("Preprocess", 2), ("Encoder", 1), ("Decoder", 1), ("Ingress", 1)):
+        status = deployment_status(name)
+        assert status.status == "HEALTHY"
+        assert status.replica_states == {"RUNNING": replicas}
+
+    before = settled(service.metrics_url)
+    image_requests = [
+        [image_part(image_url("plain", (i * 20, 0, 0))), text_part(f"Image {i}")] for i in range(12)
+    ]
+    assert asyncio.run(concurrently(image_requests)) == [4] * 12
+    after_images = settled(service.metrics_url)
+
+    # Both preprocess replicas took part; the encoder and the decoder served every request.
+    preprocessed = Counter(requests_to(after_images, "Preprocess"))
+    preprocessed.subtract(requests_to(before, "Preprocess"))
+    assert len(preprocessed) == 2 and all(n > 0 for n in preprocessed.values()), preprocessed
+    assert sum(preprocessed.values()) == 12
+    assert delta(before, after_images, REQUESTS, deployment="Encoder") == 12
+    assert delta(before, after_images, REQUESTS, deployment="Decoder") >= 12
+    assert delta(before, after_images, "ray_ministral_images_preprocessed_total") == 12
+    assert delta(before, after_images, "ray_ministral_encoder_images_encoded_total") == 12
+    # 12 images in at most 12 forward passes (fewer when they arrived close enough to batch).
+    assert 1 <= delta(before, after_images, "ray_ministral_encoder_batch_size_count") <= 12
+
+    assert asyncio.run(concurrently([f"Text only {i}" for i in range(6)])) == [4] * 6
+    after_text = settled(service.metrics_url)
+    assert delta(after_images, after_text, REQUESTS, deployment="Decoder") >= 6
+    assert delta(after_images, after_text, REQUESTS, deployment="Encoder") == 0
+    assert delta(after_images, after_text, REQUESTS, deployment="Preprocess") == 0
+
+
+def delta(before, after, name, **labels) -> float:
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+def encoder_counters(service):
+    samples = settled(service.metrics_url)
+    return {
+        name: total(samples, f"ray_ministral_encoder_{name}")
+        for name in ("images_encoded_total", "cache_hits_total", "cache_misses_total", "cache_bytes")
+    }
+
+
+def test_a_repeated_image_is_a_cache_hit_and_is_not_encoded_again(client, service):
+    url = image_url("plain", (7, 77, 177))
+    before = encoder_counters(service)
+
+    def ask():
+        return client.chat.completions.create(
+            model=service.model,
+            messages=[{"role": "user", "content": [image_part(url), text_part("Again?")]}],
+            max_tokens=6,
+            temperature=0,
+        )
+
+    first = ask()
+    after_first = encoder_counters(service)
+    second = ask()
+    after_second = encoder_counters(service)
+    assert after_first["images_encoded_total"] == before["images_encoded_total"] + 1
+    assert after_second["cache_hits_total"] == after_first["cache_hits_total"] + 1
+    assert after_second["images_encoded_total"] == after_first["images_encoded_total"]
+    assert second.choices[0].message.content == first.choices[0].message.content
+
+
+def test_the_cache_stays_within_its_byte_budget(client, service):
+    before = encoder_counters(service)
+    # Eight distinct images, each 12 image tokens: more than the budget holds.
+    urls = [image_url("plain", (200, i * 30, 5)) for i in range(8)]
+    for url in urls:
+        client.chat.completions.create(
+            model=service.model, messages=[{"role": "user", "content": [image_part(url)]}], max_tokens=1
+        )
+    counters = encoder_counters(service)
+    assert counters["images_encoded_total"] == before["images_encoded_total"] + 8
+    assert 0 < counters["cache_bytes"] <= ENCODER_CACHE_BYTES
+    # The first image was evicted: sending it again encodes it again.
+    client.chat.completions.create(
+        model=service.model, messages=[{"role": "user", "content": [image_part(urls[0])]}], max_tokens=1
+    )
+    again = encoder_counters(service)
+    assert again["images_encoded_total"] == counters["images_encoded_total"] + 1
+    assert again["cache_misses_total"] == counters["cache_misses_total"] + 1
