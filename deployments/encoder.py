@@ -171,7 +171,11 @@ class EncoderMetrics:
 class Encoder:
     def __init__(self, config: AppConfig):
         checkpoint = open_checkpoint(config.model)
-        device = "cuda" if torch.cuda.is_available() and config.deployments.encoder.num_gpus > 0 else "cpu"
+        gpu_share = config.deployments.encoder.num_gpus
+        device = "cuda" if torch.cuda.is_available() and gpu_share > 0 else "cpu"
+        if device == "cuda" and gpu_share < 1:
+            # On a GPU shared with the decoder, stay within this replica's share.
+            torch.cuda.set_per_process_memory_fraction(gpu_share)
         self._vision = VisionEncoder(
             checkpoint, dtype=resolve_dtype(config.engine.dtype, checkpoint), device=device
         )

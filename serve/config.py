@@ -165,10 +165,14 @@ class DeploymentsConfig(_Strict):
         description="vLLM decoder replicas.",
     )
 
+    @property
+    def encoder_shares_decoder_gpu(self) -> bool:
+        return 0 < self.encoder.num_gpus < 1 and 0 < self.decoder.num_gpus < 1
+
     @model_validator(mode="after")
     def _shared_gpu_fits(self) -> DeploymentsConfig:
         encoder, decoder = self.encoder.num_gpus, self.decoder.num_gpus
-        if 0 < encoder < 1 and 0 < decoder < 1 and encoder + decoder > 1:
+        if self.encoder_shares_decoder_gpu and encoder + decoder > 1:
             raise ValueError(
                 f"encoder.num_gpus ({encoder}) + decoder.num_gpus ({decoder}) exceed one GPU: "
                 "to share a GPU their fractions must sum to at most 1"
@@ -262,3 +266,16 @@ class AppConfig(_Strict):
             "conversation has no system message."
         ),
     )
+
+    @model_validator(mode="after")
+    def _decoder_leaves_room_for_a_shared_encoder(self) -> AppConfig:
+        # On a shared card the encoder is held to its GPU fraction of memory
+        # (torch's per-process memory fraction); vLLM must leave it that much.
+        encoder_share = self.deployments.encoder.num_gpus
+        utilization = self.engine.gpu_memory_utilization
+        if self.deployments.encoder_shares_decoder_gpu and utilization + encoder_share > 1:
+            raise ValueError(
+                f"the encoder shares the decoder's GPU with {encoder_share} of it, so "
+                f"engine.gpu_memory_utilization ({utilization}) must be at most {1 - encoder_share:.2f}"
+            )
+        return self

@@ -54,3 +54,21 @@ def test_served_name_defaults():
     assert (
         AppConfig.model_validate({"model": {"source": "/models/my-ministral/"}}).model.name == "my-ministral"
     )
+
+
+def shared_gpu(encoder: float, decoder: float, utilization: float) -> dict:
+    return {
+        "engine": {"gpu_memory_utilization": utilization},
+        "deployments": {"encoder": {"num_gpus": encoder}, "decoder": {"num_gpus": decoder}},
+    }
+
+
+def test_encoder_and_decoder_share_one_gpu_only_when_they_fit():
+    config = AppConfig.model_validate(shared_gpu(0.1, 0.9, 0.85))
+    assert config.deployments.encoder_shares_decoder_gpu
+    with pytest.raises(ValidationError, match="sum to at most 1"):
+        AppConfig.model_validate(shared_gpu(0.2, 0.9, 0.7))
+    with pytest.raises(ValidationError, match=r"gpu_memory_utilization \(0.95\) must be at most 0.90"):
+        AppConfig.model_validate(shared_gpu(0.1, 0.9, 0.95))
+    # On separate GPUs the decoder may use its whole card.
+    assert not AppConfig.model_validate(shared_gpu(1, 1, 0.95)).deployments.encoder_shares_decoder_gpu
