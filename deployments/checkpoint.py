@@ -77,6 +77,13 @@ def resolve_checkpoint(source: str, *, demo_seed: int = 0, demo_variant: str = "
     return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILE_PATTERNS))
 
 
+def reasoning_enabled(model: ModelConfig, checkpoint: Checkpoint) -> bool:
+    """Whether the model thinks in [THINK]...[/THINK] (`model.reasoning`)."""
+    if model.reasoning != "auto":
+        return model.reasoning == "on"
+    return model.names_a_reasoning_checkpoint and checkpoint.has_think_tokens
+
+
 def open_checkpoint(model: ModelConfig) -> Checkpoint:
     """The checkpoint named by the `model` section of the config, fetched or generated if needed."""
     return Checkpoint.open(
@@ -120,9 +127,22 @@ class Checkpoint:
 
     def special_token_id(self, token: str) -> int:
         """Rank of a special token such as [IMG] in the checkpoint's own tokenizer file."""
+        return self._tekkenizer().get_special_token(token)
+
+    @property
+    def has_think_tokens(self) -> bool:
+        tekkenizer = self._tekkenizer()
+        try:
+            tekkenizer.get_special_token("[THINK]")
+            tekkenizer.get_special_token("[/THINK]")
+        except ValueError:
+            return False
+        return True
+
+    def _tekkenizer(self):
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-        return Tekkenizer.from_file(self.tokenizer_file).get_special_token(token)
+        return Tekkenizer.from_file(self.tokenizer_file)
 
     def system_prompt(self, today: dt.date) -> str | None:
         """The checkpoint's default system prompt with its date placeholders filled."""

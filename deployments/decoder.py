@@ -11,23 +11,60 @@ replaces the [IMG] rows of the token embeddings with the image features.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ray import serve
 
-from deployments.checkpoint import open_checkpoint, write_language_model_view
+from deployments.checkpoint import open_checkpoint, reasoning_enabled, write_language_model_view
 from deployments.messages import (
+    ChoiceDelta,
     DecodeChunk,
     DecodeRequest,
     EngineInfo,
     ImageTokenEmbeddings,
     SamplingSettings,
 )
+from deployments.output_parsing import ChoiceParser, position_logprobs
 from serve.config import AppConfig, EngineConfig
 
 logger = logging.getLogger(__name__)
+
+# vLLM treats temperatures below this as greedy decoding.
+GREEDY_TEMPERATURE = 1e-5
+# The Ministral 3 Reasoning model card's recommended sampling temperature.
+REASONING_TEMPERATURE = 0.7
+
+
+def sampling_defaults(generation_config: dict, *, reasoning: bool) -> dict:
+    """Sampling parameters a request leaves out: the checkpoint's generation_config.json,
+    with the Reasoning card's temperature for reasoning checkpoints."""
+    defaults = dict(generation_config)
+    if reasoning:
+        defaults["temperature"] = REASONING_TEMPERATURE
+    return defaults
+
+
+def system_fingerprint(checkpoint_config: dict, engine: EngineConfig) -> str:
+    """Changes when the weights' config, the engine settings or the software change."""
+    from importlib.metadata import version
+
+    import vllm
+
+    identity = json.dumps(
+        {
+            "checkpoint": checkpoint_config,
+            "engine": engine.model_dump(),
+            "vllm": vllm.__version__,
+            "ministral-serve": version("ministral-serve"),
+        },
+        sort_keys=True,
+    )
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def engine_args(engine: EngineConfig, *, model_dir: str, tokenizer_dir: str):
@@ -100,12 +137,15 @@ class DecoderEngine:
         self.engine = AsyncLLM.from_engine_args(
             engine_args(config.engine, model_dir=str(view_dir), tokenizer_dir=str(checkpoint.path))
         )
+        self.tokenizer = self.engine.get_tokenizer()
         model_config = self.engine.model_config
-        # Sampling defaults of the checkpoint's generation_config.json, as vLLM reads them.
-        self.default_sampling = model_config.get_diff_sampling_param()
+        self.default_sampling = sampling_defaults(
+            model_config.get_diff_sampling_param(), reasoning=reasoning_enabled(config.model, checkpoint)
+        )
         self.info = EngineInfo(
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
+            system_fingerprint=system_fingerprint(checkpoint.config, config.engine),
         )
         logger.info(
             "decoder ready: %s, max_model_len=%d, sampling defaults %s",
@@ -114,13 +154,15 @@ class DecoderEngine:
             self.default_sampling,
         )
 
-    def sampling_params(self, settings: SamplingSettings):
+    def sampling_params(self, settings: SamplingSettings, *, parsed: bool):
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         requested = {
             "temperature": settings.temperature,
             "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "min_p": settings.min_p,
             "seed": settings.seed,
             "presence_penalty": settings.presence_penalty,
             "frequency_penalty": settings.frequency_penalty,
@@ -128,11 +170,23 @@ class DecoderEngine:
         params = {**self.default_sampling}
         params.update({name: value for name, value in requested.items() if value is not None})
         params.pop("max_tokens", None)
+        greedy = params.get("temperature", 1.0) < GREEDY_TEMPERATURE
         return SamplingParams(
             **params,
+            # vLLM refuses n > 1 when greedy; the choices would all be the same
+            # tokens anyway, so one is generated and copied (see `generate`).
+            n=1 if greedy else settings.n,
             max_tokens=settings.max_tokens,
             stop=settings.stop or None,
             ignore_eos=settings.ignore_eos,
+            logit_bias=settings.logit_bias,
+            logprobs=settings.logprobs,
+            prompt_logprobs=settings.prompt_logprobs,
+            structured_outputs=StructuredOutputsParams(grammar=settings.grammar)
+            if settings.grammar
+            else None,
+            # The parser needs [THINK] / [TOOL_CALLS] in the text.
+            skip_special_tokens=not parsed,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -140,20 +194,71 @@ class DecoderEngine:
         self, request: DecodeRequest, images: ImageTokenEmbeddings | None = None
     ) -> AsyncIterator[DecodeChunk]:
         """Stream the completion; cancelling the iteration aborts the request in vLLM."""
-        outputs = self.engine.generate(
-            engine_prompt(
-                request.prompt_token_ids, images, self.image_token_id, self.engine.model_config.dtype
-            ),
-            self.sampling_params(request.sampling),
-            request.request_id,
+        sampling = self.sampling_params(request.sampling, parsed=request.parsing is not None)
+        copies = request.sampling.n if sampling.n == 1 else 1
+        prompt = engine_prompt(
+            request.prompt_token_ids, images, self.image_token_id, self.engine.model_config.dtype
         )
-        async for output in outputs:
-            completion = output.outputs[0]
-            yield DecodeChunk(
+        parsers: dict[int, ChoiceParser] = {}
+        first = True
+        async for output in self.engine.generate(prompt, sampling, request.request_id):
+            choices = []
+            for completion in output.outputs:
+                delta = self._choice_delta(request, completion, parsers)
+                if copies == 1:
+                    choices.append(delta)
+                else:
+                    choices.extend(replace(delta, index=copy) for copy in range(copies))
+            prompt_logprobs = None
+            if first and request.sampling.prompt_logprobs is not None and output.prompt_logprobs:
+                prompt_logprobs = [
+                    None
+                    if position is None
+                    else position_logprobs(
+                        self.tokenizer, position, token_id, request.sampling.prompt_logprobs
+                    )
+                    for position, token_id in zip(
+                        output.prompt_logprobs, request.prompt_token_ids, strict=False
+                    )
+                ]
+            first = False
+            yield DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
+
+    def _choice_delta(
+        self, request: DecodeRequest, completion, parsers: dict[int, ChoiceParser]
+    ) -> ChoiceDelta:
+        token_ids = list(completion.token_ids)
+        finished = completion.finish_reason is not None
+        logprobs = None
+        if request.sampling.logprobs is not None and completion.logprobs is not None:
+            logprobs = [
+                position_logprobs(self.tokenizer, position, token_id, request.sampling.logprobs)
+                for position, token_id in zip(completion.logprobs, token_ids, strict=True)
+            ]
+        if request.parsing is None:
+            return ChoiceDelta(
+                index=completion.index,
                 text=completion.text,
-                token_ids=list(completion.token_ids),
-                finish_reason=completion.finish_reason if output.finished else None,
+                token_ids=token_ids,
+                logprobs=logprobs,
+                finish_reason=completion.finish_reason,
             )
+        parser = parsers.get(completion.index)
+        if parser is None:
+            parser = parsers[completion.index] = ChoiceParser(
+                self.tokenizer, request.parsing, request.prompt_token_ids
+            )
+        content, reasoning, tool_calls = parser.feed(completion.text, token_ids, finished)
+        return ChoiceDelta(
+            index=completion.index,
+            text=content,
+            token_ids=token_ids,
+            reasoning=reasoning,
+            tool_calls=tool_calls,
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason,
+            reasoning_tokens=parser.reasoning_tokens() if finished else 0,
+        )
 
     def num_unfinished_requests(self) -> int:
         return self.engine.get_num_unfinished_requests()

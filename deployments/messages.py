@@ -49,13 +49,38 @@ class SamplingSettings:
     """What the client asked for; None means the checkpoint's default (generation_config.json)."""
 
     max_tokens: int
+    n: int = 1
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Most likely tokens reported per generated position (0: the sampled one
+    # only; None: no logprobs), and per prompt position (completions' echo).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # A Lark grammar (llguidance) the output must match: tool calls, JSON.
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    parameters: dict | None  # JSON Schema of the arguments
+
+
+@dataclass(frozen=True)
+class OutputParsing:
+    """How the decoder splits a chat completion's text (vLLM's Mistral parser)."""
+
+    # The tools offered, when the model may call them.
+    tools: list[ToolSpec] | None = None
+    reasoning: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,18 +88,56 @@ class DecodeRequest:
     request_id: str
     prompt_token_ids: list[int]  # [num_prompt_tokens]
     sampling: SamplingSettings
+    # None: raw text (completions, or chat without tools on a non-reasoning model).
+    parsing: OutputParsing | None = None
 
 
 FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
-class DecodeChunk:
-    """Newly generated text and tokens of one request since the previous chunk."""
+class TokenLogprob:
+    token_id: int
+    token: str  # as decoded; may be "" for a piece of a multi-byte character
+    token_bytes: bytes  # the token's exact bytes
+    logprob: float
 
-    text: str
+
+@dataclass(frozen=True)
+class PositionLogprobs:
+    """The token at one position and the most likely alternatives there."""
+
+    chosen: TokenLogprob
+    top: list[TokenLogprob]
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    index: int  # of the call within the choice
+    id: str | None = None  # set on the call's first delta, with the name
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What one choice (of `n`) generated since the previous chunk."""
+
+    index: int
+    text: str  # content (parsed) or raw text (no parsing)
     token_ids: list[int]  # [num_new_tokens]
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None  # one per new token
     finish_reason: FinishReason | None = None
+    reasoning_tokens: int = 0  # in the whole completion, set with finish_reason
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    choices: list[ChoiceDelta]
+    # Per prompt position (the first is None), in the first chunk when asked for.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,3 +146,4 @@ class EngineInfo:
 
     max_model_len: int
     vocab_size: int
+    system_fingerprint: str

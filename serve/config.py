@@ -37,6 +37,22 @@ class ModelConfig(_Strict):
     demo_variant: Literal["instruct", "reasoning"] = Field(
         default="instruct", description="Which demo checkpoint to generate (source 'demo')."
     )
+    reasoning: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Whether the model writes [THINK]...[/THINK] traces: they are returned as "
+            "`reasoning_content`, allowed before constrained output (tools, JSON), and the "
+            "default temperature is the Reasoning card's 0.7. 'auto': on when the tokenizer "
+            "has [THINK] tokens and the source names a Reasoning checkpoint (or the "
+            "reasoning demo)."
+        ),
+    )
+
+    @property
+    def names_a_reasoning_checkpoint(self) -> bool:
+        if self.source == "demo":
+            return self.demo_variant == "reasoning"
+        return "reasoning" in Path(self.source.rstrip("/")).name.lower()
 
     @property
     def name(self) -> str:

@@ -1,8 +1,10 @@
 """Ingress: the OpenAI-compatible HTTP API in front of the stages.
 
-A chat request goes: validate (serve.protocol) -> chat template
-(deployments.preprocess, in this process for text) -> decoder deployment
-(vLLM), whose chunks come back as one JSON body or as server-sent events.
+A chat request goes: validate (serve.protocol) -> grammar for tools / JSON
+(serve.grammar) -> chat template (deployments.chat_template, in this process
+for text; the Preprocess deployment for images, then the Encoder) -> Decoder
+(vLLM), whose typed chunks become one JSON body or server-sent events
+(serve.chat). Completions skip the template (serve.completions).
 """
 
 from __future__ import annotations
@@ -11,45 +13,71 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.checkpoint import open_checkpoint
+from deployments.chat_template import ChatTemplate, image_positions
+from deployments.checkpoint import open_checkpoint, reasoning_enabled
 from deployments.messages import (
-    DecodeChunk,
     DecodeRequest,
     EngineInfo,
+    OutputParsing,
     PreprocessedRequest,
-    SamplingSettings,
+    ToolSpec,
 )
-from deployments.preprocess import ChatPreprocessor, image_positions
+from serve.chat import ChatOutput, sse
+from serve.completions import CompletionOutput
 from serve.config import AppConfig
 from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
-from serve.protocol import (
-    AssistantMessage,
-    ChatCompletionChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatCompletionStreamChoice,
-    DeltaMessage,
+from serve.grammar import GrammarBuilder
+from serve.protocol.chat import ChatCompletionRequest, ChatMessage, ToolDefinition, new_chat_completion_id
+from serve.protocol.common import (
+    FieldError,
     ModelCard,
     ModelList,
-    Usage,
+    SamplingFields,
     error_param,
     error_payload,
+)
+from serve.protocol.completions import (
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     new_completion_id,
 )
+from serve.sampling import check_token_ids, completion_budget, sampling_settings
 
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="ministral-serve", docs_url=None, redoc_url=None)
+
+# OpenAI's legacy completions default.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+# OpenAI paths for what a text-generating vision-language model cannot do.
+UNSERVABLE_OPERATIONS = {
+    "embeddings": "embeddings",
+    "images/generations": "image generation",
+    "images/edits": "image editing",
+    "images/variations": "image variations",
+    "audio/speech": "speech synthesis",
+    "audio/transcriptions": "audio transcription",
+    "audio/translations": "audio translation",
+    "videos": "video generation",
+    "video/generations": "video generation",
+    "rerank": "reranking",
+    "score": "scoring",
+    "moderations": "moderation",
+}
 
 
 def _error_response(error: APIError) -> JSONResponse:
@@ -82,8 +110,11 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
     return _error_response(BadRequest(str(error)))
 
 
-def parse_body(raw: bytes, max_bytes: int) -> ChatCompletionRequest:
-    """Decode and validate a chat request body, naming the offending field on failure."""
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(raw: bytes, max_bytes: int, schema: type[Body] = ChatCompletionRequest) -> Body:
+    """Decode and validate a request body, naming the offending field on failure."""
     if len(raw) > max_bytes:
         raise RequestTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     try:
@@ -93,44 +124,20 @@ def parse_body(raw: bytes, max_bytes: int) -> ChatCompletionRequest:
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
     try:
-        return ChatCompletionRequest.model_validate(payload)
+        return schema.model_validate(payload)
     except ValidationError as e:
         # Of a union's failed alternatives, the one that got furthest names the real problem.
-        errors = [(error_param(error["loc"]), error["msg"]) for error in e.errors()]
-        param, message = max(errors, key=lambda error: len(error[0] or ""))
+        param, message = max(map(_field_and_message, e.errors()), key=lambda error: len(error[0] or ""))
         raise BadRequest(f"{param}: {message}" if param else message, param=param) from e
 
 
-def completion_budget(request: ChatCompletionRequest, prompt_tokens: int, info: EngineInfo) -> int:
-    """Tokens the completion may use; a request that cannot fit is a 400, never truncated."""
-    context = info.max_model_len
-    if prompt_tokens >= context:
-        raise BadRequest(
-            f"messages: the prompt is {prompt_tokens} tokens, but this model's maximum context "
-            f"length is {context} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    requested = request.completion_token_limit
-    if requested is None:
-        return context - prompt_tokens
-    if prompt_tokens + requested > context:
-        field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        raise BadRequest(
-            f"{field}: this model's maximum context length is {context} tokens; you requested "
-            f"{prompt_tokens + requested} ({prompt_tokens} in the messages, {requested} in the "
-            "completion)",
-            param=field,
-            code="context_length_exceeded",
-        )
-    return requested
+def _field_and_message(error: dict) -> tuple[str | None, str]:
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):
+        return error_param((*error["loc"], cause.field)), str(cause)
+    return error_param(error["loc"]), error["msg"]
 
 
-def _sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
-
-
-# Defined before the class: @serve.ingress snapshots the class's globals when it is applied.
 def _stage_error(error: Exception, stage: str) -> APIError:
     """What a failure in a downstream stage means to the client."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayTaskError
@@ -141,9 +148,8 @@ def _stage_error(error: Exception, stage: str) -> APIError:
         error = error.cause
     if isinstance(error, APIError):
         return error
-    if isinstance(
-        error, ActorDiedError | ActorUnavailableError | DeploymentUnavailableError | ObjectLostError
-    ):
+    unavailable = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ObjectLostError)
+    if isinstance(error, unavailable):
         return ServiceUnavailable(f"the {stage} stage is unavailable; retry shortly")
     if isinstance(error, BackPressureError):
         return ServiceUnavailable(f"the {stage} stage is at capacity; retry shortly", code="overloaded")
@@ -151,6 +157,19 @@ def _stage_error(error: Exception, stage: str) -> APIError:
     return APIError(f"internal error in the {stage} stage")
 
 
+async def _guarded_events(events: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
+    """A stream that fails mid-way ends with an OpenAI-shaped error event, not a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        error = _stage_error(e, "decoder")
+        logger.warning("stream %s failed: %s", request_id, error.message)
+        yield sse(json.dumps(error_payload(error.message, error.error_type, error.param, error.code)))
+
+
+# Helpers above are defined before the class: @serve.ingress snapshots the
+# class's globals when it is applied.
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -167,9 +186,9 @@ class Ingress:
         self._preprocess = preprocess
         self._encoder = encoder
         checkpoint = open_checkpoint(config.model)
-        self._preprocessor = ChatPreprocessor(
-            checkpoint, use_default_system_prompt=config.use_default_system_prompt
-        )
+        self._template = ChatTemplate(checkpoint, use_default_system_prompt=config.use_default_system_prompt)
+        self._reasoning = reasoning_enabled(config.model, checkpoint)
+        self._grammar = GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning)
         self._model_name = config.model.name
         self._created = int(time.time())
         self._engine_info: EngineInfo | None = None
@@ -194,47 +213,144 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, http_request: Request) -> Response:
-        request = parse_body(await http_request.body(), self._config.limits.max_request_bytes)
-        if request.model != self._model_name:
-            raise ModelNotFound(request.model, [self._model_name])
+        request = await self._parse(http_request, ChatCompletionRequest)
+        grammar = self._grammar.for_chat(request)
+        prompt = await self._preprocessed(request.messages, request.tools)
+        info = await self._info()
+        max_tokens = completion_budget(
+            len(prompt.prompt_token_ids),
+            request.completion_token_limit,
+            info,
+            field=request.completion_token_field,
+        )
+        # Not awaited: the embeddings go from the encoder to the decoder directly.
+        images = self._encoder.encode.remote(prompt.images) if prompt.images else None
+        decode = DecodeRequest(
+            request_id=new_chat_completion_id(),
+            prompt_token_ids=prompt.prompt_token_ids,
+            sampling=sampling_settings(
+                request,
+                max_tokens=max_tokens,
+                info=info,
+                logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                grammar=grammar,
+            ),
+            parsing=self._chat_parsing(request),
+        )
+        chunks = self._decoder.generate.options(stream=True).remote(decode, images)
+        output = ChatOutput(request, decode, self._model_name, info.system_fingerprint)
+        if request.stream:
+            return self._stream(output.events(chunks), decode.request_id)
+        try:
+            response = await output.response(chunks)
+        except Exception as e:
+            raise _stage_error(e, "decoder") from e
+        return JSONResponse(response.model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(self, http_request: Request) -> Response:
+        request = await self._parse(http_request, CompletionRequest)
+        info = await self._info()
+        if isinstance(request.prompt, str):
+            prompt_ids, prompt_text = self._template.encode_text(request.prompt), request.prompt
+        else:
+            check_token_ids(request.prompt, info, "prompt")
+            prompt_ids, prompt_text = request.prompt, self._template.decode(request.prompt)
+        requested = request.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        max_tokens = completion_budget(len(prompt_ids), requested, info)
+        decode = DecodeRequest(
+            request_id=new_completion_id(),
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_settings(
+                request,
+                max_tokens=max_tokens,
+                info=info,
+                logprobs=request.logprobs,
+                prompt_logprobs=request.logprobs if request.echo else None,
+            ),
+        )
+        chunks = self._decoder.generate.options(stream=True).remote(decode)
+        output = CompletionOutput(request, decode, self._model_name, info.system_fingerprint, prompt_text)
+        if request.stream:
+            return self._stream(output.events(chunks), decode.request_id)
+        try:
+            response = await output.response(chunks)
+        except Exception as e:
+            raise _stage_error(e, "decoder") from e
+        return JSONResponse(response.model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize(self, http_request: Request) -> TokenizeResponse:
+        request = parse_body(
+            await http_request.body(), self._config.limits.max_request_bytes, TokenizeRequest
+        )
+        self._check_model(request.model)
+        info = await self._info()
+        if request.prompt is not None:
+            tokens = self._template.encode_text(request.prompt, add_bos=request.add_special_tokens)
+        else:
+            tokens = (await self._preprocessed(request.messages)).prompt_token_ids
+        pieces = [self._template.decode([token]) for token in tokens] if request.return_token_strs else None
+        return TokenizeResponse(
+            count=len(tokens), max_model_len=info.max_model_len, tokens=tokens, token_strs=pieces
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(self, http_request: Request) -> DetokenizeResponse:
+        request = parse_body(
+            await http_request.body(), self._config.limits.max_request_bytes, DetokenizeRequest
+        )
+        self._check_model(request.model)
+        check_token_ids(request.tokens, await self._info(), "tokens")
+        return DetokenizeResponse(prompt=self._template.decode(request.tokens))
+
+    @app.api_route("/v1/{operation:path}", methods=["GET", "POST"])
+    async def unservable(self, operation: str, http_request: Request) -> Response:
+        what = UNSERVABLE_OPERATIONS.get(operation.strip("/"))
+        if what is None:
+            raise StarletteHTTPException(404)
+        raise BadRequest(
+            f"{self._model_name} is a text-generating vision-language model (Ministral 3); "
+            f"it does not support {what}. This service serves /v1/chat/completions and /v1/completions.",
+            param="model",
+            code="unsupported_operation",
+        )
+
+    async def _parse(self, http_request: Request, schema: type[SamplingFields]) -> SamplingFields:
+        request = parse_body(await http_request.body(), self._config.limits.max_request_bytes, schema)
+        self._check_model(request.model)
         if unsupported := request.unsupported_fields():
             raise BadRequest(
-                f"{unsupported[0]}: this field is not supported by this service yet",
+                f"{unsupported[0]}: this field is not supported by this service",
                 param=unsupported[0],
             )
         if unknown := request.unknown_fields():
             logger.info("ignoring unknown request fields %s", unknown)
-        prompt = await self._preprocessed(request)
-        info = await self._info()
-        max_tokens = completion_budget(request, len(prompt.prompt_token_ids), info)
-        # Not awaited: the embeddings go from the encoder to the decoder directly.
-        images = self._encoder.encode.remote(prompt.images) if prompt.images else None
-        decode_request = DecodeRequest(
-            request_id=new_completion_id(),
-            prompt_token_ids=prompt.prompt_token_ids,
-            sampling=SamplingSettings(
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                presence_penalty=request.presence_penalty,
-                frequency_penalty=request.frequency_penalty,
-                stop=request.stop_sequences,
-                ignore_eos=request.ignore_eos,
-            ),
-        )
-        chunks = self._decoder.generate.options(stream=True).remote(decode_request, images)
-        if request.stream:
-            return StreamingResponse(
-                self._stream(request, decode_request, chunks), media_type="text/event-stream"
-            )
-        return await self._complete(request, decode_request, chunks)
+        return request
 
-    async def _preprocessed(self, request: ChatCompletionRequest) -> PreprocessedRequest:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self._model_name:
+            raise ModelNotFound(model, [self._model_name])
+
+    def _chat_parsing(self, request: ChatCompletionRequest) -> OutputParsing | None:
+        """None (raw text, the fast path) unless tools may be called or the model reasons."""
+        if not (request.calls_tools or self._reasoning):
+            return None
+        tools = None
+        if request.calls_tools:
+            tools = [ToolSpec(name=t.function.name, parameters=t.function.parameters) for t in request.tools]
+        return OutputParsing(tools=tools, reasoning=self._reasoning)
+
+    def _stream(self, events: AsyncIterator[str], request_id: str) -> StreamingResponse:
+        return StreamingResponse(_guarded_events(events, request_id), media_type="text/event-stream")
+
+    async def _preprocessed(
+        self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
+    ) -> PreprocessedRequest:
         """Text: templated here. Images: fetched, decoded and templated by the Preprocess stage."""
-        num_images = len(image_positions(request.messages))
+        num_images = len(image_positions(messages))
         if not num_images:
-            tokenized = self._preprocessor.encode_chat(request.messages)
+            tokenized = self._template.encode_chat(messages, tools=tools)
             return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids)
         limit = self._config.images.max_images_per_request
         if num_images > limit or self._preprocess is None:
@@ -243,85 +359,6 @@ class Ingress:
                 param="messages",
             )
         try:
-            return await self._preprocess.preprocess.remote(request.messages)
+            return await self._preprocess.preprocess.remote(messages, tools)
         except Exception as e:
             raise _stage_error(e, "preprocess") from e
-
-    async def _complete(
-        self, request: ChatCompletionRequest, decode: DecodeRequest, chunks: AsyncIterator[DecodeChunk]
-    ) -> JSONResponse:
-        texts: list[str] = []
-        token_ids: list[int] = []
-        finish_reason = None
-        try:
-            async for chunk in chunks:
-                texts.append(chunk.text)
-                token_ids.extend(chunk.token_ids)
-                finish_reason = chunk.finish_reason or finish_reason
-        except Exception as e:
-            raise _stage_error(e, "decoder") from e
-        prompt_tokens = len(decode.prompt_token_ids)
-        response = ChatCompletionResponse(
-            id=decode.request_id,
-            model=self._model_name,
-            choices=[
-                ChatCompletionChoice(
-                    message=AssistantMessage(content="".join(texts)),
-                    finish_reason=finish_reason,
-                    token_ids=token_ids if request.return_token_ids else None,
-                )
-            ],
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=len(token_ids),
-                total_tokens=prompt_tokens + len(token_ids),
-            ),
-            prompt_token_ids=decode.prompt_token_ids if request.return_token_ids else None,
-        )
-        return JSONResponse(response.model_dump(exclude_none=True))
-
-    async def _stream(
-        self, request: ChatCompletionRequest, decode: DecodeRequest, chunks: AsyncIterator[DecodeChunk]
-    ) -> AsyncIterator[str]:
-        created = int(time.time())
-        with_ids = request.return_token_ids
-
-        def chunk_json(choice: ChatCompletionStreamChoice | None, usage: Usage | None = None) -> str:
-            return ChatCompletionChunk(
-                id=decode.request_id,
-                created=created,
-                model=self._model_name,
-                choices=[choice] if choice else [],
-                usage=usage,
-                prompt_token_ids=decode.prompt_token_ids
-                if with_ids and choice and choice.delta.role
-                else None,
-            ).model_dump_json(exclude_none=True)
-
-        yield _sse(chunk_json(ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))))
-        completion_tokens = 0
-        try:
-            async for chunk in chunks:
-                completion_tokens += len(chunk.token_ids)
-                if not chunk.text and chunk.finish_reason is None:
-                    continue
-                choice = ChatCompletionStreamChoice(
-                    delta=DeltaMessage(content=chunk.text),
-                    finish_reason=chunk.finish_reason,
-                    token_ids=chunk.token_ids if with_ids else None,
-                )
-                yield _sse(chunk_json(choice))
-        except Exception as e:
-            error = _stage_error(e, "decoder")
-            logger.warning("stream %s failed: %s", decode.request_id, error.message)
-            yield _sse(json.dumps(error_payload(error.message, error.error_type, None, None)))
-            return
-        if request.stream_options and request.stream_options.include_usage:
-            prompt_tokens = len(decode.prompt_token_ids)
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            yield _sse(chunk_json(None, usage))
-        yield _sse("[DONE]")

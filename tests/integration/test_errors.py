@@ -45,10 +45,10 @@ USER = [{"role": "user", "content": "hi"}]
             "2048",
         ),
         (
-            {"model": "demo", "messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"model": "demo", "messages": USER, "functions": [{"name": "f", "parameters": {}}]},
             None,
             400,
-            "tools",
+            "functions",
             "not supported",
         ),
     ],

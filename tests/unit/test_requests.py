@@ -6,9 +6,13 @@ import pytest
 
 from deployments.messages import EngineInfo
 from serve.errors import BadRequest, RequestTooLarge
-from serve.ingress import completion_budget, parse_body
+from serve.ingress import parse_body
+from serve.sampling import completion_budget
 
 LIMIT = 1 << 20
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def body(**fields) -> bytes:
@@ -42,8 +46,36 @@ def body(**fields) -> bytes:
         (body(stop=""), "stop"),
         (body(seed="x"), "seed"),
         (body(stream="yes please"), "stream"),
-        (body(stream_options={"include_usage": True}), None),
-        (body(n=2), "n"),
+        (body(stream_options={"include_usage": True}), "stream_options"),
+        (body(n=17), "n"),
+        (body(logit_bias={"hello": 3}), "logit_bias"),
+        (body(logit_bias={"12": 300}), "logit_bias.12"),
+        (body(top_logprobs=3), "top_logprobs"),
+        (body(top_logprobs=30, logprobs=True), "top_logprobs"),
+        (body(tool_choice="required"), "tool_choice"),
+        (body(tool_choice="sometimes", tools=[TOOL]), "tool_choice"),
+        (body(tools=[{"type": "function", "function": {"name": "has spaces"}}]), "tools[0].function.name"),
+        (body(tools=[{"type": "function"}]), "tools[0].function"),
+        (body(tools=[TOOL, TOOL]), "tools"),
+        (body(response_format={"type": "yaml"}), "response_format.type"),
+        (body(response_format={"type": "json_schema"}), "response_format.json_schema"),
+        (
+            body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema.schema",
+        ),
+        (body(messages=[{"role": "tool", "content": "42"}]), "messages[0].tool_call_id"),
+        (
+            body(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": "hi",
+                        "tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ]
+            ),
+            "messages[0].tool_calls",
+        ),
     ],
 )
 def test_malformed_requests_name_the_field(raw, param):
@@ -67,9 +99,9 @@ def test_unknown_fields_are_accepted_and_reported():
 
 
 def test_fields_not_implemented_are_refused_not_ignored():
-    request = parse_body(body(tools=[{"type": "function", "function": {"name": "f"}}]), LIMIT)
-    assert request.unsupported_fields() == ["tools"]
-    assert parse_body(body(tools=None), LIMIT).unsupported_fields() == []
+    request = parse_body(body(functions=[{"name": "f"}]), LIMIT)
+    assert request.unsupported_fields() == ["functions"]
+    assert parse_body(body(functions=None), LIMIT).unsupported_fields() == []
 
 
 def test_stop_and_token_limit_accessors():
@@ -78,22 +110,22 @@ def test_stop_and_token_limit_accessors():
     assert request.completion_token_limit == 7
 
 
-INFO = EngineInfo(max_model_len=100, vocab_size=131072)
+INFO = EngineInfo(max_model_len=100, vocab_size=131072, system_fingerprint="fp_test")
 
 
 def test_budget_defaults_to_the_rest_of_the_context():
-    assert completion_budget(parse_body(body(), LIMIT), 30, INFO) == 70
+    assert completion_budget(30, None, INFO) == 70
 
 
 def test_budget_over_the_context_is_refused_with_the_numbers():
     with pytest.raises(BadRequest) as caught:
-        completion_budget(parse_body(body(max_tokens=80), LIMIT), 30, INFO)
+        completion_budget(30, 80, INFO)
     assert caught.value.param == "max_tokens"
     assert "110" in caught.value.message and "100" in caught.value.message
 
 
 def test_prompt_filling_the_context_is_refused():
     with pytest.raises(BadRequest) as caught:
-        completion_budget(parse_body(body(), LIMIT), 100, INFO)
+        completion_budget(100, None, INFO)
     assert caught.value.param == "messages"
     assert caught.value.code == "context_length_exceeded"

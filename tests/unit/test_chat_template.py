@@ -9,11 +9,12 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from deployments.chat_template import ChatTemplate
 from deployments.checkpoint import Checkpoint
-from deployments.preprocess import ChatPreprocessor, ImageLoader, content_hash
+from deployments.preprocess import ImageLoader, content_hash
 from serve.config import ImagesConfig
 from serve.errors import BadRequest
-from serve.protocol import ChatMessage
+from serve.protocol.chat import ChatMessage
 from tests.image_server import data_url, image_bytes
 from tests.reference import mistral_common_encoding
 
@@ -27,7 +28,7 @@ def reference_tokenizer(demo_checkpoint):
 
 @pytest.fixture(scope="module")
 def preprocessor(demo_checkpoint):
-    return ChatPreprocessor(Checkpoint.open(demo_checkpoint), today=lambda: TODAY)
+    return ChatTemplate(Checkpoint.open(demo_checkpoint), today=lambda: TODAY)
 
 
 def reference_ids(tokenizer, messages):
@@ -70,7 +71,7 @@ def test_client_system_message_replaces_the_default(preprocessor, reference_toke
 
 
 def test_no_default_system_prompt_when_disabled(demo_checkpoint, reference_tokenizer):
-    preprocessor = ChatPreprocessor(Checkpoint.open(demo_checkpoint), use_default_system_prompt=False)
+    preprocessor = ChatTemplate(Checkpoint.open(demo_checkpoint), use_default_system_prompt=False)
     ids = preprocessor.encode_chat([ChatMessage(role="user", content="Hi")]).prompt_token_ids
     assert ids == reference_ids(reference_tokenizer, [UserMessage(content="Hi")])
 
