@@ -7,8 +7,9 @@ llguidance inside vLLM. What this module adds:
 - tool-call arguments always follow the tool's JSON Schema (as OpenAI's
   `strict` tools do), so that `required` and named calls are always valid;
 - JSON is compact (no free whitespace, llguidance's `whitespace_flexible:
-  false`): with flexible whitespace a weak or random model fills
-  `max_tokens` with spaces inside the JSON and never finishes;
+  false`, and none of the templates' optional padding around it): with
+  flexible whitespace a weak or random model fills `max_tokens` with spaces
+  inside the JSON and never finishes;
 - the `[THINK]` branch only for reasoning checkpoints (`model.reasoning`);
 - every schema is compiled before the request reaches the engine, so a bad
   one is a 400 naming the field, not an engine error.
@@ -17,12 +18,24 @@ llguidance inside vLLM. What this module adds:
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from serve.errors import BadRequest
 from serve.protocol.chat import ChatCompletionRequest, NamedToolChoice, ToolDefinition
 
 COMPACT_JSON = {"whitespace_flexible": False}
+
+
+# Mistral's templates allow up to 8 whitespace characters (SAFE_WS) around
+# tool names, arguments and JSON answers. A weak model takes them: tool names
+# came back as "\r\r  get_weather", which no client can dispatch.
+_PADDING = re.compile(r"[ \t]*SAFE_WS\?|^SAFE_WS:.*$", re.MULTILINE)
+
+
+def without_padding(grammar: str) -> str:
+    """The grammar without the optional whitespace around tool calls and JSON."""
+    return _PADDING.sub("", grammar)
 
 
 class GrammarBuilder:
@@ -77,6 +90,7 @@ class GrammarBuilder:
             json_only=json_schema is not None and not mistral_tools,
             force_tool_names=True,
         )
+        grammar = without_padding(grammar)
         self._check(grammar, "tools" if mistral_tools else "response_format")
         return grammar
 

@@ -29,14 +29,14 @@ _UNION_MEMBER_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
 def error_param(location: tuple[str | int, ...]) -> str | None:
     """A pydantic error location as the request field it names: `messages[0].content`.
 
-    Union member labels (`str`, `list[...]`, model class names, tags) are not
-    fields (those are snake_case) and are dropped.
+    Union member labels (`str`, `list[...]`, `constrained-str`, model class
+    names, tags) are not fields (those are snake_case) and are dropped.
     """
     param = ""
     for part in location:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part.lower() in _UNION_MEMBER_LABELS or "[" in part or " " in part or part[:1].isupper():
+        elif part.lower() in _UNION_MEMBER_LABELS or any(c in part for c in "[ -") or part[:1].isupper():
             continue
         else:
             param += f".{part}" if param else part

@@ -55,3 +55,30 @@ def test_greedy_tokens_equal_transformers(client, service, reference, name):
         reference_ids = reference_ids[: len(service_ids)]
         assert service_ids[-1] == reference.generation_config.eos_token_id
     assert service_ids == reference_ids
+
+
+def test_logprobs_equal_the_reference_log_softmax(client, service, reference):
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    response = client.chat.completions.create(
+        model=service.model,
+        messages=CONVERSATIONS["short"],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"return_token_ids": True},
+    )
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    generated = response.choices[0].model_extra["token_ids"]
+    tekken = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
+    for position, entry in enumerate(response.choices[0].logprobs.content):
+        with torch.no_grad():
+            logits = reference(input_ids=torch.tensor([prompt_ids + generated[:position]])).logits[0, -1]
+        top = logits.log_softmax(-1).topk(5)
+        expected_bytes = [
+            list(tekken.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)) for i in top.indices.tolist()
+        ]
+        assert [t.bytes for t in entry.top_logprobs] == expected_bytes
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
