@@ -11,8 +11,6 @@ replaces the [IMG] rows of the token embeddings with the image features.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -21,6 +19,15 @@ from dataclasses import replace
 from ray import serve
 
 from deployments.checkpoint import open_checkpoint, reasoning_enabled, write_language_model_view
+from deployments.engine_settings import (
+    GREEDY_TEMPERATURE,
+    cpu_environment,
+    engine_args,
+    engine_parallelism,
+    sampling_defaults,
+    system_fingerprint,
+    usable_cores,
+)
 from deployments.messages import (
     ChoiceDelta,
     DecodeChunk,
@@ -30,65 +37,9 @@ from deployments.messages import (
     SamplingSettings,
 )
 from deployments.output_parsing import ChoiceParser, position_logprobs
-from serve.config import AppConfig, EngineConfig
+from serve.config import AppConfig
 
 logger = logging.getLogger(__name__)
-
-# vLLM treats temperatures below this as greedy decoding.
-GREEDY_TEMPERATURE = 1e-5
-# The Ministral 3 Reasoning model card's recommended sampling temperature.
-REASONING_TEMPERATURE = 0.7
-
-
-def sampling_defaults(generation_config: dict, *, reasoning: bool) -> dict:
-    """Sampling parameters a request leaves out: the checkpoint's generation_config.json,
-    with the Reasoning card's temperature for reasoning checkpoints."""
-    defaults = dict(generation_config)
-    if reasoning:
-        defaults["temperature"] = REASONING_TEMPERATURE
-    return defaults
-
-
-def system_fingerprint(checkpoint_config: dict, engine: EngineConfig) -> str:
-    """Changes when the weights' config, the engine settings or the software change."""
-    from importlib.metadata import version
-
-    import vllm
-
-    identity = json.dumps(
-        {
-            "checkpoint": checkpoint_config,
-            "engine": engine.model_dump(),
-            "vllm": vllm.__version__,
-            "ministral-serve": version("ministral-serve"),
-        },
-        sort_keys=True,
-    )
-    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
-
-
-def engine_args(engine: EngineConfig, *, model_dir: str, tokenizer_dir: str):
-    """vLLM engine arguments for a decoder replica."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    return AsyncEngineArgs(
-        model=model_dir,
-        tokenizer=tokenizer_dir,
-        tokenizer_mode="mistral",
-        dtype=engine.dtype,
-        max_model_len=engine.max_model_len,
-        max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        tensor_parallel_size=engine.tensor_parallel_size,
-        pipeline_parallel_size=engine.pipeline_parallel_size,
-        enforce_eager=engine.enforce_eager,
-        enable_prefix_caching=engine.enable_prefix_caching,
-        enable_prompt_embeds=True,
-        # Decoder replicas report their own metrics; vLLM's periodic log
-        # lines would only repeat them.
-        disable_log_stats=True,
-    )
 
 
 def engine_prompt(token_ids: list[int], images: ImageTokenEmbeddings | None, image_token_id: int, dtype):
@@ -114,14 +65,6 @@ def engine_prompt(token_ids: list[int], images: ImageTokenEmbeddings | None, ima
     )
 
 
-def cpu_environment(engine: EngineConfig) -> dict[str, str]:
-    """Environment vLLM's CPU backend reads at engine start-up."""
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_space_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": engine.cpu_omp_threads_bind,
-    }
-
-
 class DecoderEngine:
     """One vLLM engine serving the language model of a Ministral 3 checkpoint."""
 
@@ -132,13 +75,26 @@ class DecoderEngine:
         checkpoint = open_checkpoint(config.model)
         self.image_token_id = checkpoint.special_token_id("[IMG]")
         view_dir = write_language_model_view(checkpoint)
-        if current_platform.is_cpu():
-            os.environ.update(cpu_environment(config.engine))
-        self.engine = AsyncLLM.from_engine_args(
-            engine_args(config.engine, model_dir=str(view_dir), tokenizer_dir=str(checkpoint.path))
+        on_gpu = not current_platform.is_cpu()
+        cores = usable_cores()
+        self.parallelism = engine_parallelism(config.engine, on_gpu=on_gpu, cpu_cores=len(cores))
+        if not on_gpu:
+            os.environ.update(cpu_environment(config.engine, self.parallelism, cores))
+        args = engine_args(
+            config.engine, self.parallelism, model_dir=str(view_dir), tokenizer_dir=str(checkpoint.path)
         )
+        vllm_config = args.create_engine_config()
+        if self.parallelism.executor == "ray":
+            import ray
+
+            # The engine core runs in a subprocess that is not a Ray actor:
+            # hand it the replica's placement group, one GPU bundle per rank.
+            vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+            os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(config.deployments.decoder.num_gpus)
+        self.engine = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
         self.tokenizer = self.engine.get_tokenizer()
         model_config = self.engine.model_config
+        cache_config = self.engine.vllm_config.cache_config
         self.default_sampling = sampling_defaults(
             model_config.get_diff_sampling_param(), reasoning=reasoning_enabled(config.model, checkpoint)
         )
@@ -146,10 +102,15 @@ class DecoderEngine:
             max_model_len=model_config.max_model_len,
             vocab_size=model_config.get_vocab_size(),
             system_fingerprint=system_fingerprint(checkpoint.config, config.engine),
+            kv_cache_blocks=cache_config.num_gpu_blocks or 0,
+            kv_block_size=cache_config.block_size,
+            kv_cache_tokens=cache_config.kv_cache_size_tokens or 0,
+            max_concurrency=cache_config.kv_cache_max_concurrency or 0.0,
         )
         logger.info(
-            "decoder ready: %s, max_model_len=%d, sampling defaults %s",
+            "decoder ready: %s, %s, max_model_len=%d, sampling defaults %s",
             checkpoint.path,
+            self.parallelism,
             self.info.max_model_len,
             self.default_sampling,
         )

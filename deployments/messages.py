@@ -147,3 +147,8 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     system_fingerprint: str
+    # The KV cache as vLLM sized it at start-up (its "KV cache size" log line).
+    kv_cache_blocks: int = 0
+    kv_block_size: int = 0
+    kv_cache_tokens: int = 0
+    max_concurrency: float = 0.0

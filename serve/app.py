@@ -15,13 +15,31 @@ from deployments.encoder import Encoder
 from deployments.preprocess import Preprocess
 from serve.config import AppConfig
 from serve.ingress import Ingress
+from serve.layouts import decoder_placement
+
+
+def decoder_options(config: AppConfig) -> dict[str, Any]:
+    """Serve options of the decoder: on GPUs, a placement group with one GPU bundle per rank."""
+    decoder = config.deployments.decoder
+    options = decoder.serve_options()
+    if decoder.num_gpus > 0:
+        # The ranks hold the GPUs (Ray workers in the bundles); the replica,
+        # in the first bundle, holds only its CPUs.
+        options["ray_actor_options"]["num_gpus"] = 0
+        options |= decoder_placement(
+            config.engine.tensor_parallel_size,
+            config.engine.pipeline_parallel_size,
+            gpu_per_rank=decoder.num_gpus,
+            replica_cpus=decoder.num_cpus,
+        )
+    return options
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     stages = config.deployments
-    decoder = Decoder.options(**stages.decoder.serve_options()).bind(config)
+    decoder = Decoder.options(**decoder_options(config)).bind(config)
     image_stages = {}
     if config.images.max_images_per_request > 0:
         image_stages = {

@@ -53,7 +53,69 @@ def _run(args: argparse.Namespace) -> None:
         serve.shutdown()
 
 
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from serve.capacity import (
+        GPU_MEMORY_GIB,
+        PUBLISHED_TEXT_MODEL,
+        TextModel,
+        format_table,
+        plan_all,
+        plan_layout,
+    )
+    from serve.layouts import get_layout
+
+    if args.gpu_memory_gib is not None:
+        memory, label = args.gpu_memory_gib, "GPUs"
+    else:
+        memory, label = GPU_MEMORY_GIB[args.gpu], f"{args.gpu} GPUs"
+    model = PUBLISHED_TEXT_MODEL
+    if args.checkpoint:
+        model = TextModel.from_config(
+            json.loads((args.checkpoint / "config.json").read_text())["text_config"]
+        )
+    settings = dict(
+        gpu_memory_gib=memory,
+        variant=args.variant,
+        model=model,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        gpus_per_node=args.gpus_per_node,
+    )
+    plans = [plan_layout(get_layout(args.layout), **settings)] if args.layout else plan_all(**settings)
+    if args.json:
+        payload = [plan.as_dict() for plan in plans]
+        print(json.dumps(payload[0] if args.layout else payload, indent=2))
+    else:
+        print(format_table(plans, gpu_label=label))
+
+
+def _configs(args: argparse.Namespace) -> None:
+    from serve.layouts import LAYOUTS, serve_config
+
+    stale = []
+    for layout in LAYOUTS.values():
+        path = args.directory / f"{layout.name}.yaml"
+        text = serve_config(layout)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    if stale:
+        sys.exit(f"out of date with serve/layouts.py (run `ministral-serve configs`): {', '.join(stale)}")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from serve.capacity import GPU_MEMORY_GIB
+
     parser = argparse.ArgumentParser(prog="ministral-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -72,6 +134,29 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     run.set_defaults(handler=_run)
+
+    plan = commands.add_parser(
+        "plan", help="what each layout holds: KV cache tokens and maximum concurrency at a context length"
+    )
+    gpu = plan.add_mutually_exclusive_group()
+    gpu.add_argument(
+        "--gpu", default="H100", choices=sorted(GPU_MEMORY_GIB), help="a common GPU (default H100)"
+    )
+    gpu.add_argument("--gpu-memory-gib", type=float, help="memory of each GPU, in GiB")
+    plan.add_argument("--layout", help="one layout (default: a table of all)")
+    plan.add_argument("--variant", default="instruct", choices=["instruct", "instruct-bf16", "reasoning"])
+    plan.add_argument("--checkpoint", type=Path, help="read the model's dimensions from this checkpoint")
+    plan.add_argument("--max-model-len", type=int, default=262144, help="tokens per request (default 262144)")
+    plan.add_argument("--gpu-memory-utilization", type=float, help="default: the layout's")
+    plan.add_argument("--max-num-seqs", type=int, default=64, help="engine.max_num_seqs (default 64)")
+    plan.add_argument("--gpus-per-node", type=int, help="flag layouts whose TP group needs more")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=_plan)
+
+    configs = commands.add_parser("configs", help="write the Serve config of every layout preset")
+    configs.add_argument("--directory", type=Path, default=CONFIGS_DIR)
+    configs.add_argument("--check", action="store_true", help="fail if a file differs from the registry")
+    configs.set_defaults(handler=_configs)
 
     args = parser.parse_args(argv)
     args.handler(args)

@@ -8,9 +8,11 @@ are errors, so a typo fails at deploy time instead of being ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.layouts import check_shape, get_layout
 
 
 class _Strict(BaseModel):
@@ -178,7 +180,10 @@ class DeploymentsConfig(_Strict):
     )
     decoder: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=1.0, max_ongoing_requests=512),
-        description="vLLM decoder replicas.",
+        description=(
+            "vLLM decoder replicas. Here num_gpus is per rank: with GPUs, each replica gets a "
+            "placement group of tensor x pipeline parallel bundles of num_gpus each."
+        ),
     )
 
     @property
@@ -269,6 +274,20 @@ class LimitsConfig(_Strict):
 class AppConfig(_Strict):
     """Arguments of `serve.app:build_app` (the `args:` of a Serve config file)."""
 
+    layout: str | None = Field(
+        default=None,
+        description=(
+            "A GPU layout preset (serve/layouts.py: 1gpu, 2gpu-tp, 2gpu-pp, 2gpu-dp, 2gpu-encoder, "
+            "3gpu-pp, 4gpu-tp, 4gpu-pp, 4gpu-tp2pp2, 4gpu-dp, 4gpu-encoder-pp3). It sets the "
+            "decoder's tensor/pipeline parallel sizes, replicas and GPUs, the encoder's GPUs, and "
+            "engine.gpu_memory_utilization (which may still be lowered); setting those too is an error."
+        ),
+    )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs on each node of the cluster; when set, a layout whose TP group needs more fails.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -283,6 +302,23 @@ class AppConfig(_Strict):
         ),
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_layout(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("layout") is None:
+            return data
+        layout = get_layout(data["layout"])
+        return _merge_layout(data, layout.config_overrides(), layout.name, path=())
+
+    @model_validator(mode="after")
+    def _shape_fits_model_and_nodes(self) -> AppConfig:
+        check_shape(
+            self.engine.tensor_parallel_size,
+            self.engine.pipeline_parallel_size,
+            gpus_per_node=self.gpus_per_node,
+        )
+        return self
+
     @model_validator(mode="after")
     def _decoder_leaves_room_for_a_shared_encoder(self) -> AppConfig:
         # On a shared card the encoder is held to its GPU fraction of memory
@@ -295,3 +331,25 @@ class AppConfig(_Strict):
                 f"engine.gpu_memory_utilization ({utilization}) must be at most {1 - encoder_share:.2f}"
             )
         return self
+
+
+# Settings a user may lower below the layout's: the layout's value is an upper bound.
+_LAYOUT_CEILINGS = {("engine", "gpu_memory_utilization")}
+
+
+def _merge_layout(data: dict, overrides: dict, layout: str, path: tuple[str, ...]) -> dict:
+    merged = dict(data)
+    for key, value in overrides.items():
+        where = (*path, key)
+        if isinstance(value, dict):
+            merged[key] = _merge_layout(dict(data.get(key) or {}), value, layout, where)
+        elif key not in data:
+            merged[key] = value
+        elif where in _LAYOUT_CEILINGS:
+            merged[key] = min(data[key], value)
+        elif data[key] != value:
+            raise ValueError(
+                f"{'.'.join(where)} is {data[key]!r} but layout {layout!r} sets it to {value!r}: "
+                "remove one of the two"
+            )
+    return merged

@@ -12,6 +12,7 @@ import pytest
 from serve.config import AppConfig
 
 APP_NAME = "ministral"
+LOGICAL_GPUS = 4
 # About five 100x60 px images' worth of image-token embeddings (12 tokens x 256 x 4 bytes each).
 ENCODER_CACHE_BYTES = 5 * 12 * 256 * 4
 
@@ -80,8 +81,10 @@ def service(demo_checkpoint) -> Service:
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
     # Metrics reach the export endpoint within a second instead of ten.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
+    # Four logical GPUs: the layout tests place GPU bundles on this CPU machine.
     ray.init(
         num_cpus=2,
+        num_gpus=LOGICAL_GPUS,
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         runtime_env={"env_vars": {"MINISTRAL_SERVE_CACHE": os.environ["MINISTRAL_SERVE_CACHE"]}},
