@@ -11,6 +11,7 @@ replaces the [IMG] rows of the token embeddings with the image features.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -92,6 +93,7 @@ class DecoderEngine:
             vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
             os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(config.deployments.decoder.num_gpus)
         self.engine = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+        self.stream_interval_s = config.streaming.interval_ms / 1000
         self.tokenizer = self.engine.get_tokenizer()
         model_config = self.engine.model_config
         cache_config = self.engine.vllm_config.cache_config
@@ -184,6 +186,10 @@ class DecoderEngine:
                 ]
             first = False
             yield DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
+            if self.stream_interval_s and not output.finished:
+                # vLLM merges the request's outputs while this task sleeps
+                # (RequestOutputCollector aggregates deltas for a slow consumer).
+                await asyncio.sleep(self.stream_interval_s)
 
     def _choice_delta(
         self, request: DecodeRequest, completion, parsers: dict[int, ChoiceParser]
