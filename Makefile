@@ -2,7 +2,7 @@
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint
+.PHONY: serve test test-fast lint bench
 
 serve:
 	scripts/install.sh cpu
@@ -21,3 +21,8 @@ lint:
 	scripts/install.sh cpu,test
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+# Our service against vLLM's own server (docs/benchmarks.md). BENCH_ARGS: see `ministral-serve bench --help`.
+bench:
+	scripts/install.sh cpu,bench
+	.venv/bin/ministral-serve bench $(BENCH_ARGS)

@@ -113,6 +113,42 @@ def _configs(args: argparse.Namespace) -> None:
         sys.exit(f"out of date with serve/layouts.py (run `ministral-serve configs`): {', '.join(stale)}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from benchmarks.runner import BenchSettings, run
+    from benchmarks.workloads import WORKLOADS
+    from serve.config import AppConfig
+
+    if args.config:
+        application = yaml.safe_load(Path(args.config).read_text())["applications"][0]
+        app_args = application.get("args") or {}
+    elif args.layout:
+        app_args = {"layout": args.layout}
+    else:
+        app_args = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]
+    app_args.setdefault("model", {})["source"] = args.model
+    # vLLM's server adds no system prompt; nor may we, for the prompts to match.
+    app_args["use_default_system_prompt"] = False
+    if args.max_model_len:
+        app_args.setdefault("engine", {})["max_model_len"] = args.max_model_len
+    workloads = tuple(args.workloads.split(",")) if args.workloads else WORKLOADS
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        sys.exit(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    settings = BenchSettings(
+        name=args.name,
+        config=AppConfig.model_validate(app_args),
+        workloads=workloads,
+        concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+        rounds=args.rounds,
+        output_root=args.output_root,
+    )
+    results = run(settings)
+    print(json.dumps(results["summary"], indent=2))
+    print(f"results, table and plots in {args.output_root / args.name}/")
+
+
 def main(argv: list[str] | None = None) -> None:
     from serve.capacity import GPU_MEMORY_GIB
 
@@ -157,6 +193,20 @@ def main(argv: list[str] | None = None) -> None:
     configs.add_argument("--directory", type=Path, default=CONFIGS_DIR)
     configs.add_argument("--check", action="store_true", help="fail if a file differs from the registry")
     configs.set_defaults(handler=_configs)
+
+    bench = commands.add_parser(
+        "bench", help="benchmark the service against vLLM's own server on this machine"
+    )
+    bench.add_argument("--name", default="cpu-demo", help="results go to OUTPUT_ROOT/NAME/")
+    bench.add_argument("--model", default="demo", help="checkpoint: demo, a directory or a Hugging Face id")
+    bench.add_argument("--layout", help="a GPU layout preset (default: serve/config.yaml, the CPU demo)")
+    bench.add_argument("--config", help="a Serve config to take our service's settings from")
+    bench.add_argument("--max-model-len", type=int, help="engine.max_model_len for both stacks")
+    bench.add_argument("--workloads", help="comma-separated (default: all)")
+    bench.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated concurrency levels")
+    bench.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
+    bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
+    bench.set_defaults(handler=_bench)
 
     args = parser.parse_args(argv)
     args.handler(args)

@@ -1,0 +1,165 @@
+"""The report: ratios ours/vLLM per workload and concurrency, headline figures, plots.
+
+Pure functions of the measured runs, except `write`, which puts
+`results.json`, `results.md` and one PNG per workload in the results folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Ratios ours / vLLM: above 1 is better for throughputs, below 1 for latencies.
+RATIO_METRICS = (
+    "request_throughput",
+    "output_throughput",
+    "request_goodput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+)
+# What the issue's targets ask of the headline figures.
+TARGETS = {
+    "text_output_tps_ratio": (">=", 0.95),
+    "text_ttft_p50_overhead_ms": ("<=", 15.0),
+    "image_repeat_ttft_p50_ratio": ("<", 1.0),
+}
+
+
+def _ratio(ours: float | None, baseline: float | None) -> float | None:
+    if ours is None or baseline is None or baseline == 0:
+        return None
+    return round(float(ours) / float(baseline), 4)
+
+
+def ratio_table(runs: list[dict]) -> list[dict]:
+    """One row per workload and concurrency that both stacks ran."""
+    by_key = {(run["workload"], run["concurrency"], run["stack"]): run for run in runs}
+    rows = []
+    for (workload, concurrency, stack), ours in by_key.items():
+        baseline = by_key.get((workload, concurrency, "vllm"))
+        if stack != "ours" or baseline is None:
+            continue
+        row = {"workload": workload, "concurrency": concurrency}
+        for metric in RATIO_METRICS:
+            row[f"{metric}_ratio"] = _ratio(ours[metric], baseline[metric])
+        row["ttft_p50_overhead_ms"] = round(float(ours["median_ttft_ms"] - baseline["median_ttft_ms"]), 2)
+        row["failed"] = {"ours": ours["failed"], "vllm": baseline["failed"]}
+        rows.append(row)
+    return sorted(rows, key=lambda row: (row["workload"], row["concurrency"]))
+
+
+def summary(runs: list[dict]) -> dict:
+    """Headline figures, read by scripts: None where the baseline could not run.
+
+    Throughput ratios are taken at the highest concurrency run; latency
+    figures are the worst across the sweep.
+    """
+    table = ratio_table(runs)
+    headline: dict = {}
+    for workload in sorted({run["workload"] for run in runs}):
+        rows = [row for row in table if row["workload"] == workload]
+        key = workload.replace("-", "_")
+        top = max(rows, key=lambda row: row["concurrency"]) if rows else None
+        headline[f"{key}_output_tps_ratio"] = top["output_throughput_ratio"] if top else None
+        headline[f"{key}_output_tps_ratio_min"] = _worst(rows, "output_throughput_ratio", min)
+        headline[f"{key}_ttft_p50_ratio"] = _worst(rows, "median_ttft_ms_ratio", max)
+        headline[f"{key}_ttft_p50_overhead_ms"] = _worst(rows, "ttft_p50_overhead_ms", max)
+    for name in TARGETS:
+        headline.setdefault(name, None)
+    headline["targets_met"] = {name: _meets(headline[name], *target) for name, target in TARGETS.items()}
+    headline["failed_requests"] = sum(run["failed"] or 0 for run in runs)
+    return headline
+
+
+def _worst(rows: list[dict], metric: str, pick) -> float | None:
+    values = [row[metric] for row in rows if row[metric] is not None]
+    return pick(values) if values else None
+
+
+def _meets(value: float | None, operator: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return bool({">=": value >= bound, "<=": value <= bound, "<": value < bound}[operator])
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Benchmark `{results['name']}` ({results['date']})",
+        "",
+        f"Model `{results['model']}`, layout `{results['layout'] or 'default'}`, "
+        f"load generator {results['load_generator']}, goodput target {results['goodput_target_ms']} ms.",
+        "",
+        "| workload | concurrency | req/s | output tok/s | goodput | TTFT p50 | TTFT p99 "
+        "| TPOT p50 | TPOT p99 | TTFT p50 overhead (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["table"]:
+        cells = [
+            row["workload"],
+            str(row["concurrency"]),
+            *(_cell(row[f"{metric}_ratio"]) for metric in RATIO_METRICS),
+            f"{row['ttft_p50_overhead_ms']:+.1f}",
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", "Ratios are ours / vLLM's server.", ""]
+    for workload, about in results["workloads"].items():
+        if "baseline_unavailable" in about:
+            lines.append(
+                f"- `{workload}`: vLLM's server could not run it here: {about['baseline_unavailable']}"
+            )
+        else:
+            lines.append(f"- `{workload}`: {about.get('description', '')}")
+    lines += ["", "Summary:", "", "```json", json.dumps(results["summary"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def plot(runs: list[dict], workload: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
+    for stack, colour in (("ours", "tab:blue"), ("vllm", "tab:orange")):
+        points = sorted(
+            (run for run in runs if run["workload"] == workload and run["stack"] == stack),
+            key=lambda run: run["concurrency"],
+        )
+        if not points:
+            continue
+        label = "ministral-serve" if stack == "ours" else "vLLM server"
+        concurrency = [run["concurrency"] for run in points]
+        throughput.plot(
+            concurrency, [run["output_throughput"] for run in points], "o-", color=colour, label=label
+        )
+        ttft.plot(
+            concurrency, [run["median_ttft_ms"] for run in points], "o-", color=colour, label=f"{label} p50"
+        )
+        ttft.plot(
+            concurrency, [run["p99_ttft_ms"] for run in points], "x--", color=colour, label=f"{label} p99"
+        )
+    for axes, ylabel in ((throughput, "output tokens/s"), (ttft, "TTFT (ms)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("concurrent requests")
+        axes.set_ylabel(ylabel)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    throughput.set_title(f"{workload}: throughput vs concurrency")
+    ttft.set_title(f"{workload}: time to first token vs concurrency")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    for workload in sorted({run["workload"] for run in results["runs"]}):
+        plot(results["runs"], workload, out / f"{workload}.png")

@@ -1,0 +1,230 @@
+"""One benchmark run: start both stacks, sweep concurrencies per workload, write the report.
+
+For each workload and each concurrency, the same requests go to our
+service and to vLLM's server, one stack after the other (the order
+alternates between concurrencies so that neither always runs on a warmer
+machine). The load generator is vLLM's own (`vllm.benchmarks.serve`),
+called as `vllm bench serve` would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.stacks import OurService, Server, ServerFailed, VllmServer, on_gpu
+from benchmarks.vllm_cpu_shim import cpu_multimodal_checkpoint
+from benchmarks.workloads import CPU_DEMO_SHAPE, GPU_SHAPE, WorkloadName, WorkloadShape, build_workload
+from deployments.checkpoint import Checkpoint, cache_root, open_checkpoint, write_language_model_view
+from serve.config import AppConfig
+
+# The latency target goodput counts against (vLLM's `--goodput`), in ms.
+DEFAULT_GOODPUT = {"ttft": 1000.0, "tpot": 100.0}
+# Keys of vLLM's result kept per run (the rest are per-request lists).
+KEPT_METRICS = (
+    "completed",
+    "failed",
+    "duration",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+    "median_e2el_ms",
+)
+
+
+@dataclass
+class BenchSettings:
+    name: str
+    # Our service's config (model, layout, engine settings); vLLM's server gets the same engine settings.
+    config: AppConfig
+    workloads: tuple[WorkloadName, ...]
+    concurrencies: tuple[int, ...]
+    # Requests per concurrency level: `rounds` x concurrency, at least `min_prompts`.
+    rounds: int = 4
+    min_prompts: int = 8
+    shape: WorkloadShape | None = None
+    goodput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOODPUT))
+    output_root: Path = Path("benchmarks/results")
+    ours_port: int = 8300
+    vllm_port: int = 8400
+
+    def num_prompts(self, concurrency: int) -> int:
+        return max(self.min_prompts, self.rounds * concurrency)
+
+
+def run(settings: BenchSettings) -> dict:
+    """Run the benchmark and write `results.json` and the plots; returns the results."""
+    out = settings.output_root / settings.name
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "logs").mkdir(parents=True)
+    checkpoint = open_checkpoint(settings.config.model)
+    shape = settings.shape or (GPU_SHAPE if on_gpu() else CPU_DEMO_SHAPE)
+    results = {
+        "name": settings.name,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "model": settings.config.model.source,
+        "layout": settings.config.layout,
+        "engine": settings.config.engine.model_dump(),
+        "goodput_target_ms": settings.goodput,
+        "load_generator": f"vllm.benchmarks.serve (vLLM {_vllm_version()})",
+        "workloads": {},
+        "runs": [],
+    }
+    ours = OurService(settings.config, settings.ours_port, out / "logs" / "ours.log")
+    with ours:
+        text = [w for w in settings.workloads if w == "text"]
+        images = [w for w in settings.workloads if w != "text"]
+        if text:
+            baseline = VllmServer(
+                settings.config,
+                write_language_model_view(checkpoint),
+                settings.vllm_port,
+                out / "logs" / "vllm-text.log",
+            )
+            _sweep(settings, shape, text, ours, baseline, checkpoint, out, results)
+        if images:
+            baseline = _multimodal_baseline(settings.config, checkpoint, settings.vllm_port, out)
+            _sweep(settings, shape, images, ours, baseline, checkpoint, out, results)
+    results["table"] = report.ratio_table(results["runs"])
+    results["summary"] = report.summary(results["runs"])
+    report.write(results, out)
+    return results
+
+
+def _multimodal_baseline(config: AppConfig, checkpoint: Checkpoint, port: int, out: Path) -> VllmServer:
+    log = out / "logs" / "vllm-multimodal.log"
+    if not on_gpu():
+        model_dir, pythonpath = cpu_multimodal_checkpoint(checkpoint.path, cache_root() / "bench-multimodal")
+        return VllmServer(config, model_dir, port, log, name="vllm (multimodal)", extra_pythonpath=pythonpath)
+    # As the model card runs it: Mistral's own checkpoint format when the repository has it.
+    hub_id = not Path(config.model.source).expanduser().exists() and config.model.source.count("/") == 1
+    mistral_format = hub_id or (checkpoint.path / "params.json").exists()
+    return VllmServer(
+        config,
+        config.model.source if hub_id else checkpoint.path,
+        port,
+        log,
+        name="vllm (multimodal)",
+        extra_args=("--config-format=mistral", "--load-format=mistral") if mistral_format else (),
+    )
+
+
+def _sweep(
+    settings: BenchSettings,
+    shape: WorkloadShape,
+    workloads: list[WorkloadName],
+    ours: Server,
+    baseline: Server,
+    checkpoint: Checkpoint,
+    out: Path,
+    results: dict,
+) -> None:
+    try:
+        baseline.start()
+    except ServerFailed as e:
+        for name in workloads:
+            results["workloads"][name] = {"baseline_unavailable": str(e).splitlines()[0]}
+        for concurrency in settings.concurrencies:
+            for name in workloads:
+                workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
+                results["runs"].append(_measure(settings, workload, ours, concurrency, checkpoint))
+        return
+    try:
+        for index, concurrency in enumerate(settings.concurrencies):
+            for name in workloads:
+                workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
+                results["workloads"][name] = {"description": workload.description}
+                stacks = (ours, baseline) if index % 2 == 0 else (baseline, ours)
+                for stack in stacks:
+                    results["runs"].append(_measure(settings, workload, stack, concurrency, checkpoint))
+    finally:
+        baseline.stop()
+
+
+def _measure(
+    settings: BenchSettings, workload, stack: Server, concurrency: int, checkpoint: Checkpoint
+) -> dict:
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    num_prompts = settings.num_prompts(concurrency)
+    args = parser.parse_args(
+        [
+            "--backend=openai-chat",
+            "--endpoint=/v1/chat/completions",
+            f"--base-url={stack.base_url}",
+            f"--model={checkpoint.path}",
+            f"--served-model-name={settings.config.model.name}",
+            "--tokenizer-mode=mistral",
+            *workload.dataset_args,
+            f"--num-prompts={num_prompts}",
+            f"--max-concurrency={concurrency}",
+            f"--num-warmups={min(concurrency, 4)}",
+            "--temperature=0",
+            "--ignore-eos",
+            "--percentile-metrics=ttft,tpot,itl,e2el",
+            "--metric-percentiles=50,99",
+            "--goodput",
+            *[f"{metric}:{target_ms:g}" for metric, target_ms in settings.goodput.items()],
+            "--disable-tqdm",
+            "--seed=0",
+        ]
+    )
+    measured = main(args)
+    errors = [error for error in measured.get("errors", []) if error]
+    return {
+        "workload": workload.name,
+        "stack": "ours" if isinstance(stack, OurService) else "vllm",
+        "concurrency": concurrency,
+        "num_prompts": num_prompts,
+        # vLLM's figures may be numpy scalars.
+        **{key: _plain(measured.get(key)) for key in KEPT_METRICS},
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        machine["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        machine["processor"] = platform.processor() or _cpu_model()
+    return machine
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__

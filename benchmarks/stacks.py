@@ -1,0 +1,218 @@
+"""The two stacks under test, each a server process started and stopped by the benchmark.
+
+`OurService` is `ministral-serve run` on its own local Ray instance.
+`VllmServer` is vLLM's own OpenAI-compatible server
+(`vllm.entrypoints.openai.api_server`) with the same engine settings: on
+the language-model view of the checkpoint for text (what our decoder
+loads), on the multimodal checkpoint for images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from deployments.engine_settings import cpu_environment, engine_parallelism, usable_cores
+from serve.config import AppConfig
+
+READY_TIMEOUT_S = 900
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+class Server:
+    """A server subprocess in its own process group, with its output in `log_path`."""
+
+    name: str
+
+    def __init__(self, port: int, log_path: Path):
+        self.port = port
+        self.log_path = log_path
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._process: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("w") as log:
+            self._process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.environment()},
+                start_new_session=True,
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise ServerFailed(f"{self.name} exited with {self._process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise ServerFailed(f"{self.name} not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        # SIGINT first: both servers shut their engines (and our Ray instance) down on it.
+        for sig, grace_s in ((signal.SIGINT, 60), (signal.SIGKILL, 10)):
+            if self._process.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, sig)
+            try:
+                self._process.wait(grace_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # What the server left behind: Ray workers and vLLM's engine processes
+        # run in process groups of their own, but in the server's session.
+        for pid in _session_members(self._process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+class OurService(Server):
+    name = "ours"
+
+    def __init__(self, config: AppConfig, port: int, log_path: Path):
+        super().__init__(port, log_path)
+        self._config_path = log_path.with_suffix(".serve.yaml")
+        document = {
+            "applications": [
+                {
+                    "name": "ministral",
+                    "route_prefix": "/",
+                    "import_path": "serve.app:build_app",
+                    "args": config.model_dump(mode="json", exclude_unset=True),
+                }
+            ]
+        }
+        self._config_path.parent.mkdir(parents=True, exist_ok=True)
+        self._config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "serve",
+            "run",
+            "--config",
+            str(self._config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        # A Ray instance of its own, even when the caller has one (the test suite does).
+        return {"RAY_ADDRESS": "local"}
+
+
+class VllmServer(Server):
+    def __init__(
+        self,
+        config: AppConfig,
+        model: Path | str,
+        port: int,
+        log_path: Path,
+        *,
+        name: str = "vllm",
+        extra_pythonpath: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
+        super().__init__(port, log_path)
+        self.name = name
+        self._config = config
+        self._model = model
+        self._extra_args = extra_args
+        self._extra_pythonpath = extra_pythonpath
+        self._on_gpu = on_gpu()
+
+    def command(self) -> list[str]:
+        engine = self._config.engine
+        parallelism = engine_parallelism(engine, on_gpu=self._on_gpu, cpu_cores=len(usable_cores()))
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            f"--model={self._model}",
+            f"--served-model-name={self._config.model.name}",
+            "--tokenizer-mode=mistral",
+            f"--dtype={engine.dtype}",
+            f"--max-num-seqs={engine.max_num_seqs}",
+            f"--tensor-parallel-size={parallelism.tensor_parallel}",
+            f"--pipeline-parallel-size={parallelism.pipeline_parallel}",
+            f"--gpu-memory-utilization={engine.gpu_memory_utilization}",
+            "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
+        ]
+        if engine.max_model_len is not None:
+            command.append(f"--max-model-len={engine.max_model_len}")
+        if engine.max_num_batched_tokens is not None:
+            command.append(f"--max-num-batched-tokens={engine.max_num_batched_tokens}")
+        if engine.enforce_eager:
+            command.append("--enforce-eager")
+        return [*command, *self._extra_args]
+
+    def environment(self) -> dict[str, str]:
+        environment = {}
+        if not self._on_gpu:
+            engine = self._config.engine
+            parallelism = engine_parallelism(engine, on_gpu=False, cpu_cores=len(usable_cores()))
+            environment.update(cpu_environment(engine, parallelism, usable_cores()))
+        if self._extra_pythonpath is not None:
+            environment["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(self._extra_pythonpath), os.environ.get("PYTHONPATH")])
+            )
+        return environment
+
+
+def _session_members(session_id: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == session_id:
+                    members.append(int(entry.name))
+    return members
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

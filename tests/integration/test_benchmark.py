@@ -1,0 +1,118 @@
+"""A short real benchmark run: both stacks start, vLLM's load generator drives them, the report is whole.
+
+No speed is asserted: only that the report is complete, consistent with
+its own runs, and that the servers are gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from PIL import Image
+
+from benchmarks.runner import BenchSettings, run
+from benchmarks.workloads import WorkloadShape
+from serve.config import AppConfig
+
+WORKLOADS = ("text", "image-repeat")
+CONCURRENCIES = (1, 2)
+TINY = WorkloadShape(
+    text_input_tokens=32, output_tokens=8, image_width=64, image_height=48, long_prompt_words=50
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def bench(demo_checkpoint, tmp_path_factory):
+    config = AppConfig.model_validate(
+        {
+            "model": {"source": str(demo_checkpoint)},
+            "engine": {"max_model_len": 1024, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 8},
+            "use_default_system_prompt": False,
+        }
+    )
+    settings = BenchSettings(
+        name="short",
+        config=config,
+        workloads=WORKLOADS,
+        concurrencies=CONCURRENCIES,
+        rounds=1,
+        min_prompts=2,
+        shape=TINY,
+        output_root=tmp_path_factory.mktemp("bench"),
+        ours_port=_free_port(),
+        vllm_port=_free_port(),
+    )
+    return settings, run(settings)
+
+
+def test_every_workload_ran_on_both_stacks_at_every_concurrency_without_failures(bench):
+    settings, results = bench
+    runs = {(r["workload"], r["stack"], r["concurrency"]): r for r in results["runs"]}
+    expected = {(w, s, c) for w in WORKLOADS for s in ("ours", "vllm") for c in CONCURRENCIES}
+    assert set(runs) == expected
+    for key, measured in runs.items():
+        assert measured["failed"] == 0, (key, measured["first_error"])
+        assert measured["completed"] == settings.num_prompts(key[2])
+        assert measured["output_throughput"] > 0
+        assert measured["median_ttft_ms"] > 0
+
+
+def test_ratios_are_ours_over_vllm_of_the_recorded_runs(bench):
+    _, results = bench
+    runs = {(r["workload"], r["stack"], r["concurrency"]): r for r in results["runs"]}
+    assert len(results["table"]) == len(WORKLOADS) * len(CONCURRENCIES)
+    for row in results["table"]:
+        ours = runs[row["workload"], "ours", row["concurrency"]]
+        vllm = runs[row["workload"], "vllm", row["concurrency"]]
+        assert row["output_throughput_ratio"] == pytest.approx(
+            ours["output_throughput"] / vllm["output_throughput"], rel=1e-3
+        )
+        assert row["ttft_p50_overhead_ms"] == pytest.approx(
+            ours["median_ttft_ms"] - vllm["median_ttft_ms"], abs=0.01
+        )
+
+
+def test_summary_carries_the_headline_figures(bench):
+    _, results = bench
+    summary = results["summary"]
+    top = max(CONCURRENCIES)
+    text_top = next(r for r in results["table"] if r["workload"] == "text" and r["concurrency"] == top)
+    assert summary["text_output_tps_ratio"] == text_top["output_throughput_ratio"]
+    assert isinstance(summary["text_ttft_p50_overhead_ms"], float)
+    assert summary["image_repeat_ttft_p50_ratio"] > 0
+    assert set(summary["targets_met"]) == {
+        "text_output_tps_ratio",
+        "text_ttft_p50_overhead_ms",
+        "image_repeat_ttft_p50_ratio",
+    }
+    assert summary["failed_requests"] == 0
+
+
+def test_files_on_disk_match_the_results_and_plots_are_images(bench):
+    settings, results = bench
+    out = settings.output_root / settings.name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    table = (out / "results.md").read_text()
+    for workload in WORKLOADS:
+        assert sum(line.startswith(f"| {workload} |") for line in table.splitlines()) == len(CONCURRENCIES)
+        with Image.open(out / f"{workload}.png") as plot:
+            assert plot.format == "PNG" and plot.width > 300
+
+
+def test_servers_are_stopped_afterwards(bench):
+    settings, _ = bench
+    assert not _listening(settings.ours_port)
+    assert not _listening(settings.vllm_port)

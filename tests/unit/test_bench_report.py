@@ -1,0 +1,86 @@
+"""The benchmark report's arithmetic: ratios, headline figures, targets (no servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import report
+
+
+def _run(workload: str, stack: str, concurrency: int, *, tps: float, ttft: float, failed: int = 0) -> dict:
+    return {
+        "workload": workload,
+        "stack": stack,
+        "concurrency": concurrency,
+        "failed": failed,
+        "request_throughput": tps / 100,
+        "output_throughput": tps,
+        "request_goodput": tps / 200,
+        "median_ttft_ms": ttft,
+        "p99_ttft_ms": ttft * 3,
+        "median_tpot_ms": 10.0,
+        "p99_tpot_ms": 20.0,
+    }
+
+
+RUNS = [
+    _run("text", "ours", 1, tps=90, ttft=30),
+    _run("text", "vllm", 1, tps=100, ttft=20),
+    _run("text", "ours", 8, tps=380, ttft=55),
+    _run("text", "vllm", 8, tps=400, ttft=50),
+    _run("image-repeat", "ours", 1, tps=100, ttft=40),
+    _run("image-repeat", "vllm", 1, tps=100, ttft=80),
+    _run("image-repeat", "ours", 8, tps=100, ttft=90, failed=1),
+    _run("image-repeat", "vllm", 8, tps=100, ttft=100),
+]
+
+
+def test_ratio_rows_divide_ours_by_vllm_per_workload_and_concurrency():
+    rows = {(row["workload"], row["concurrency"]): row for row in report.ratio_table(RUNS)}
+    assert set(rows) == {("text", 1), ("text", 8), ("image-repeat", 1), ("image-repeat", 8)}
+    assert rows["text", 1]["output_throughput_ratio"] == pytest.approx(0.9)
+    assert rows["text", 1]["median_ttft_ms_ratio"] == pytest.approx(1.5)
+    assert rows["text", 1]["ttft_p50_overhead_ms"] == pytest.approx(10.0)
+    assert rows["image-repeat", 8]["failed"] == {"ours": 1, "vllm": 0}
+
+
+def test_summary_takes_throughput_at_the_top_concurrency_and_the_worst_latency():
+    summary = report.summary(RUNS)
+    assert summary["text_output_tps_ratio"] == pytest.approx(0.95)  # at concurrency 8
+    assert summary["text_output_tps_ratio_min"] == pytest.approx(0.9)
+    assert summary["text_ttft_p50_overhead_ms"] == pytest.approx(10.0)  # worse of +10 and +5
+    assert summary["image_repeat_ttft_p50_ratio"] == pytest.approx(0.9)  # worse of 0.5 and 0.9
+    assert summary["targets_met"] == {
+        "text_output_tps_ratio": True,
+        "text_ttft_p50_overhead_ms": True,
+        "image_repeat_ttft_p50_ratio": True,
+    }
+    assert summary["failed_requests"] == 1
+
+
+def test_a_workload_without_baseline_has_no_ratios_and_no_verdict():
+    ours_only = [run for run in RUNS if not (run["workload"] == "image-repeat" and run["stack"] == "vllm")]
+    summary = report.summary(ours_only)
+    assert summary["image_repeat_ttft_p50_ratio"] is None
+    assert summary["targets_met"]["image_repeat_ttft_p50_ratio"] is None
+    assert summary["text_output_tps_ratio"] == pytest.approx(0.95)
+
+
+def test_markdown_table_has_a_row_per_ratio_row():
+    results = {
+        "name": "t",
+        "date": "now",
+        "model": "demo",
+        "layout": None,
+        "load_generator": "vllm.benchmarks.serve",
+        "goodput_target_ms": {"ttft": 1000.0},
+        "workloads": {
+            "text": {"description": "random text"},
+            "image-repeat": {"baseline_unavailable": "why"},
+        },
+        "table": report.ratio_table(RUNS),
+        "summary": report.summary(RUNS),
+    }
+    text = report.markdown(results)
+    assert sum(line.startswith("| text |") for line in text.splitlines()) == 2
+    assert "vLLM's server could not run it here: why" in text
