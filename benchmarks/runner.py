@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -204,8 +205,6 @@ def _plain(value):
 
 
 def _machine() -> dict:
-    import os
-
     import torch
 
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}

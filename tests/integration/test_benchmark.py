@@ -15,18 +15,13 @@ from PIL import Image
 from benchmarks.runner import BenchSettings, run
 from benchmarks.workloads import WorkloadShape
 from serve.config import AppConfig
+from tests.integration.conftest import _free_port
 
 WORKLOADS = ("text", "image-repeat")
 CONCURRENCIES = (1, 2)
 TINY = WorkloadShape(
     text_input_tokens=32, output_tokens=8, image_width=64, image_height=48, long_prompt_words=50
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:
