@@ -7,6 +7,7 @@ Pure functions of the measured runs, except `write`, which puts
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 # Ratios ours / vLLM: above 1 is better for throughputs, below 1 for latencies.
@@ -33,9 +34,28 @@ def _ratio(ours: float | None, baseline: float | None) -> float | None:
     return round(float(ours) / float(baseline), 4)
 
 
+def medians(runs: list[dict]) -> list[dict]:
+    """One run per workload, concurrency and stack: each metric's median over the repeats.
+
+    `failed` is the sum over the repeats, `repeats` their count.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["workload"], run["concurrency"], run["stack"]), []).append(run)
+    merged = []
+    for (workload, concurrency, stack), repeats in groups.items():
+        run = {"workload": workload, "concurrency": concurrency, "stack": stack, "repeats": len(repeats)}
+        for metric in RATIO_METRICS:
+            values = [repeat[metric] for repeat in repeats if repeat.get(metric) is not None]
+            run[metric] = statistics.median(values) if values else None
+        run["failed"] = sum(repeat["failed"] or 0 for repeat in repeats)
+        merged.append(run)
+    return merged
+
+
 def ratio_table(runs: list[dict]) -> list[dict]:
-    """One row per workload and concurrency that both stacks ran."""
-    by_key = {(run["workload"], run["concurrency"], run["stack"]): run for run in runs}
+    """One row per workload and concurrency that both stacks ran, from the medians of the repeats."""
+    by_key = {(run["workload"], run["concurrency"], run["stack"]): run for run in medians(runs)}
     rows = []
     for (workload, concurrency, stack), ours in by_key.items():
         baseline = by_key.get((workload, concurrency, "vllm"))
@@ -46,6 +66,7 @@ def ratio_table(runs: list[dict]) -> list[dict]:
             row[f"{metric}_ratio"] = _ratio(ours[metric], baseline[metric])
         row["ttft_p50_overhead_ms"] = round(float(ours["median_ttft_ms"] - baseline["median_ttft_ms"]), 2)
         row["failed"] = {"ours": ours["failed"], "vllm": baseline["failed"]}
+        row["repeats"] = {"ours": ours["repeats"], "vllm": baseline["repeats"]}
         rows.append(row)
     return sorted(rows, key=lambda row: (row["workload"], row["concurrency"]))
 
@@ -103,7 +124,8 @@ def markdown(results: dict) -> str:
             f"{row['ttft_p50_overhead_ms']:+.1f}",
         ]
         lines.append(f"| {' | '.join(cells)} |")
-    lines += ["", "Ratios are ours / vLLM's server.", ""]
+    repeats = results.get("repeats", 1)
+    lines += ["", f"Ratios are ours / vLLM's server, of the medians of {repeats} measurements per stack.", ""]
     for workload, about in results["workloads"].items():
         if "baseline_unavailable" in about:
             lines.append(
@@ -128,11 +150,21 @@ def plot(runs: list[dict], workload: str, path: Path) -> None:
     figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
     for stack, colour in (("ours", "tab:blue"), ("vllm", "tab:orange")):
         points = sorted(
-            (run for run in runs if run["workload"] == workload and run["stack"] == stack),
+            (run for run in medians(runs) if run["workload"] == workload and run["stack"] == stack),
             key=lambda run: run["concurrency"],
         )
         if not points:
             continue
+        # Every repeat as a faint dot, so that the spread behind each median shows.
+        each = [run for run in runs if run["workload"] == workload and run["stack"] == stack]
+        for axes, metric in ((throughput, "output_throughput"), (ttft, "median_ttft_ms")):
+            axes.plot(
+                [run["concurrency"] for run in each],
+                [run[metric] for run in each],
+                ".",
+                color=colour,
+                alpha=0.3,
+            )
         label = "ministral-serve" if stack == "ours" else "vLLM server"
         concurrency = [run["concurrency"] for run in points]
         throughput.plot(
@@ -150,7 +182,7 @@ def plot(runs: list[dict], workload: str, path: Path) -> None:
         axes.set_ylabel(ylabel)
         axes.grid(True, alpha=0.3)
         axes.legend()
-    throughput.set_title(f"{workload}: throughput vs concurrency")
+    throughput.set_title(f"{workload}: throughput vs concurrency (median, dots: each run)")
     ttft.set_title(f"{workload}: time to first token vs concurrency")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -1,9 +1,10 @@
 """One benchmark run: start both stacks, sweep concurrencies per workload, write the report.
 
 For each workload and each concurrency, the same requests go to our
-service and to vLLM's server, one stack after the other (the order
-alternates between concurrencies so that neither always runs on a warmer
-machine). The load generator is vLLM's own (`vllm.benchmarks.serve`),
+service and to vLLM's server, one stack after the other, `repeats` times
+(the order alternates from one measurement to the next so that neither
+stack always runs on a warmer machine); the report takes the median of the
+repeats. The load generator is vLLM's own (`vllm.benchmarks.serve`),
 called as `vllm bench serve` would be.
 """
 
@@ -55,6 +56,9 @@ class BenchSettings:
     # Requests per concurrency level: `rounds` x concurrency, at least `min_prompts`.
     rounds: int = 4
     min_prompts: int = 8
+    # Measurements per stack, workload and concurrency; the report takes their median
+    # (on two shared cores one measurement can be off by 2x, vLLM's server's too).
+    repeats: int = 3
     shape: WorkloadShape | None = None
     goodput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOODPUT))
     output_root: Path = Path("benchmarks/results")
@@ -81,6 +85,7 @@ def run(settings: BenchSettings) -> dict:
         "layout": settings.config.layout,
         "engine": settings.config.engine.model_dump(),
         "goodput_target_ms": settings.goodput,
+        "repeats": settings.repeats,
         "load_generator": f"vllm.benchmarks.serve (vLLM {_vllm_version()})",
         "workloads": {},
         "runs": [],
@@ -142,22 +147,30 @@ def _sweep(
         for concurrency in settings.concurrencies:
             for name in workloads:
                 workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
-                results["runs"].append(_measure(settings, workload, ours, concurrency, checkpoint))
+                for repeat in range(settings.repeats):
+                    results["runs"].append(
+                        _measure(settings, workload, ours, concurrency, checkpoint, repeat)
+                    )
         return
     try:
-        for index, concurrency in enumerate(settings.concurrencies):
+        measurement = 0
+        for concurrency in settings.concurrencies:
             for name in workloads:
                 workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
                 results["workloads"][name] = {"description": workload.description}
-                stacks = (ours, baseline) if index % 2 == 0 else (baseline, ours)
-                for stack in stacks:
-                    results["runs"].append(_measure(settings, workload, stack, concurrency, checkpoint))
+                for repeat in range(settings.repeats):
+                    stacks = (ours, baseline) if measurement % 2 == 0 else (baseline, ours)
+                    measurement += 1
+                    for stack in stacks:
+                        results["runs"].append(
+                            _measure(settings, workload, stack, concurrency, checkpoint, repeat)
+                        )
     finally:
         baseline.stop()
 
 
 def _measure(
-    settings: BenchSettings, workload, stack: Server, concurrency: int, checkpoint: Checkpoint
+    settings: BenchSettings, workload, stack: Server, concurrency: int, checkpoint: Checkpoint, repeat: int
 ) -> dict:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -193,6 +206,7 @@ def _measure(
         "workload": workload.name,
         "stack": "ours" if isinstance(stack, OurService) else "vllm",
         "concurrency": concurrency,
+        "repeat": repeat,
         "num_prompts": num_prompts,
         # vLLM's figures may be numpy scalars.
         **{key: _plain(measured.get(key)) for key in KEPT_METRICS},

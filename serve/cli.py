@@ -142,6 +142,7 @@ def _bench(args: argparse.Namespace) -> None:
         workloads=workloads,
         concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
         rounds=args.rounds,
+        repeats=args.repeats,
         output_root=args.output_root,
     )
     results = run(settings)
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--workloads", help="comma-separated (default: all)")
     bench.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated concurrency levels")
     bench.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="measurements per stack and level; the report takes the median"
+    )
     bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
     bench.set_defaults(handler=_bench)
 

@@ -31,6 +31,9 @@ def _with_processor_files(source: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
         link = target / file.name
+        # A link left by an earlier run may point at another (or a deleted) checkpoint of the same name.
+        if link.is_symlink() and link.readlink() != file:
+            link.unlink()
         if not (link.exists() or link.is_symlink()):
             link.symlink_to(file)
     config = json.loads((source / "config.json").read_text())

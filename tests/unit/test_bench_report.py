@@ -44,6 +44,23 @@ def test_ratio_rows_divide_ours_by_vllm_per_workload_and_concurrency():
     assert rows["image-repeat", 8]["failed"] == {"ours": 1, "vllm": 0}
 
 
+def test_repeats_are_merged_by_their_median_and_failures_add_up():
+    repeated = [
+        _run("text", "ours", 4, tps=90, ttft=30),
+        _run("text", "ours", 4, tps=300, ttft=900, failed=2),  # one noisy measurement
+        _run("text", "ours", 4, tps=110, ttft=50),
+        _run("text", "vllm", 4, tps=100, ttft=20),
+        _run("text", "vllm", 4, tps=120, ttft=40),
+        _run("text", "vllm", 4, tps=80, ttft=60),
+    ]
+    (row,) = report.ratio_table(repeated)
+    assert row["output_throughput_ratio"] == pytest.approx(1.1)  # median 110 / median 100
+    assert row["ttft_p50_overhead_ms"] == pytest.approx(10.0)  # median 50 - median 40
+    assert row["failed"] == {"ours": 2, "vllm": 0}
+    assert row["repeats"] == {"ours": 3, "vllm": 3}
+    assert report.summary(repeated)["failed_requests"] == 2
+
+
 def test_summary_takes_throughput_at_the_top_concurrency_and_the_worst_latency():
     summary = report.summary(RUNS)
     assert summary["text_output_tps_ratio"] == pytest.approx(0.95)  # at concurrency 8
