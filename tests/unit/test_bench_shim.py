@@ -9,7 +9,9 @@ from benchmarks.vllm_cpu_shim import cpu_multimodal_checkpoint
 
 def _checkpoint(path, marker: str):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"vision_config": {"patch_size": 14, "image_size": 1540}, "marker": marker}))
+    (path / "config.json").write_text(
+        json.dumps({"vision_config": {"patch_size": 14, "image_size": 1540}, "marker": marker})
+    )
     (path / "model.safetensors").write_text(marker)
     return path
 
