@@ -141,27 +141,21 @@ def _sweep(
 ) -> None:
     try:
         baseline.start()
+        stacks: tuple[Server, ...] = (ours, baseline)
     except ServerFailed as e:
         for name in workloads:
             results["workloads"][name] = {"baseline_unavailable": str(e).splitlines()[0]}
-        for concurrency in settings.concurrencies:
-            for name in workloads:
-                workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
-                for repeat in range(settings.repeats):
-                    results["runs"].append(
-                        _measure(settings, workload, ours, concurrency, checkpoint, repeat)
-                    )
-        return
+        stacks = (ours,)
     try:
         measurement = 0
         for concurrency in settings.concurrencies:
             for name in workloads:
                 workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
-                results["workloads"][name] = {"description": workload.description}
+                results["workloads"].setdefault(name, {"description": workload.description})
                 for repeat in range(settings.repeats):
-                    stacks = (ours, baseline) if measurement % 2 == 0 else (baseline, ours)
+                    order = stacks if measurement % 2 == 0 else stacks[::-1]
                     measurement += 1
-                    for stack in stacks:
+                    for stack in order:
                         results["runs"].append(
                             _measure(settings, workload, stack, concurrency, checkpoint, repeat)
                         )
