@@ -56,6 +56,13 @@ def _run(args: argparse.Namespace) -> None:
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _plan(args: argparse.Namespace) -> None:
     import json
 
@@ -205,9 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--max-model-len", type=int, help="engine.max_model_len for both stacks")
     bench.add_argument("--workloads", help="comma-separated (default: all)")
     bench.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated concurrency levels")
-    bench.add_argument("--rounds", type=int, default=4, help="requests per level = rounds x concurrency")
     bench.add_argument(
-        "--repeats", type=int, default=3, help="measurements per stack and level; the report takes the median"
+        "--rounds", type=_positive_int, default=4, help="requests per level = rounds x concurrency"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=3,
+        help="measurements per stack and level; the report takes the median",
     )
     bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
     bench.set_defaults(handler=_bench)

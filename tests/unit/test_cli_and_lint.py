@@ -29,6 +29,17 @@ def test_unknown_subcommand_fails_with_usage():
     assert "demo-checkpoint" in result.stderr
 
 
+def test_bench_refuses_zero_repeats_before_starting_anything():
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "bench", "--repeats", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--repeats" in result.stderr and "at least 1" in result.stderr
+
+
 def test_ruff_lint_and_format_are_clean():
     ruff = Path(sys.executable).parent / "ruff"
     for command in (["check", "."], ["format", "--check", "."]):
