@@ -1,4 +1,4 @@
-"""The report: ratios ours/vLLM per workload and concurrency, headline figures, plots.
+"""The report: ratios ours/vLLM (and peer/vLLM) per workload and concurrency, headline figures, plots.
 
 Pure functions of the measured runs, except `write`, which puts
 `results.json`, `results.md` and one PNG per workload in the results folder.
@@ -10,7 +10,10 @@ import json
 import statistics
 from pathlib import Path
 
-# Ratios ours / vLLM: above 1 is better for throughputs, below 1 for latencies.
+# How the plots and tables name each stack of the results.
+STACK_LABELS = {"ours": "ministral-serve", "vllm": "vLLM server", "ray-serve-llm": "Ray Serve LLM"}
+STACK_COLOURS = {"ours": "tab:blue", "vllm": "tab:orange", "ray-serve-llm": "tab:green"}
+# Ratios stack / vLLM: above 1 is better for throughputs, below 1 for latencies.
 RATIO_METRICS = (
     "request_throughput",
     "output_throughput",
@@ -53,31 +56,34 @@ def medians(runs: list[dict]) -> list[dict]:
     return merged
 
 
-def ratio_table(runs: list[dict]) -> list[dict]:
-    """One row per workload and concurrency that both stacks ran, from the medians of the repeats."""
+def ratio_table(runs: list[dict], stack: str = "ours") -> list[dict]:
+    """One row per workload and concurrency that `stack` and vLLM's server both ran:
+    ratios `stack` / vLLM of the medians of the repeats."""
     by_key = {(run["workload"], run["concurrency"], run["stack"]): run for run in medians(runs)}
     rows = []
-    for (workload, concurrency, stack), ours in by_key.items():
+    for (workload, concurrency, name), measured in by_key.items():
         baseline = by_key.get((workload, concurrency, "vllm"))
-        if stack != "ours" or baseline is None:
+        if name != stack or baseline is None:
             continue
         row = {"workload": workload, "concurrency": concurrency}
         for metric in RATIO_METRICS:
-            row[f"{metric}_ratio"] = _ratio(ours[metric], baseline[metric])
-        row["ttft_p50_overhead_ms"] = round(float(ours["median_ttft_ms"] - baseline["median_ttft_ms"]), 2)
-        row["failed"] = {"ours": ours["failed"], "vllm": baseline["failed"]}
-        row["repeats"] = {"ours": ours["repeats"], "vllm": baseline["repeats"]}
+            row[f"{metric}_ratio"] = _ratio(measured[metric], baseline[metric])
+        row["ttft_p50_overhead_ms"] = round(float(measured["median_ttft_ms"] - baseline["median_ttft_ms"]), 2)
+        row["failed"] = {stack: measured["failed"], "vllm": baseline["failed"]}
+        row["repeats"] = {stack: measured["repeats"], "vllm": baseline["repeats"]}
         rows.append(row)
     return sorted(rows, key=lambda row: (row["workload"], row["concurrency"]))
 
 
-def summary(runs: list[dict]) -> dict:
-    """Headline figures, read by scripts: None where the baseline could not run.
+def summary(runs: list[dict], stack: str = "ours") -> dict:
+    """Headline figures of `stack` against vLLM's server, read by scripts: None where
+    the baseline could not run.
 
     Throughput ratios are taken at the highest concurrency run; latency
     figures are the worst across the sweep.
     """
-    table = ratio_table(runs)
+    runs = [run for run in runs if run["stack"] in (stack, "vllm")]
+    table = ratio_table(runs, stack)
     headline: dict = {}
     for workload in sorted({run["workload"] for run in runs}):
         rows = [row for row in table if row["workload"] == workload]
@@ -112,18 +118,8 @@ def markdown(results: dict) -> str:
         f"Model `{results['model']}`, layout `{results['layout'] or 'default'}`, "
         f"load generator {results['load_generator']}, goodput target {results['goodput_target_ms']} ms.",
         "",
-        "| workload | concurrency | req/s | output tok/s | goodput | TTFT p50 | TTFT p99 "
-        "| TPOT p50 | TPOT p99 | TTFT p50 overhead (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_table_lines(results["table"]),
     ]
-    for row in results["table"]:
-        cells = [
-            row["workload"],
-            str(row["concurrency"]),
-            *(_cell(row[f"{metric}_ratio"]) for metric in RATIO_METRICS),
-            f"{row['ttft_p50_overhead_ms']:+.1f}",
-        ]
-        lines.append(f"| {' | '.join(cells)} |")
     repeats = results.get("repeats", 1)
     lines += ["", f"Ratios are ours / vLLM's server, of the medians of {repeats} measurements per stack.", ""]
     for workload, about in results["workloads"].items():
@@ -134,7 +130,31 @@ def markdown(results: dict) -> str:
         else:
             lines.append(f"- `{workload}`: {about.get('description', '')}")
     lines += ["", "Summary:", "", "```json", json.dumps(results["summary"], indent=2), "```", ""]
+    for peer, about in results.get("peers", {}).items():
+        label = STACK_LABELS.get(peer, peer)
+        lines += [f"## Peer: {label}", ""]
+        if "unavailable" in about:
+            lines += [f"It could not run here: {about['unavailable']}", ""]
+            continue
+        lines += [*_table_lines(about["table"]), "", f"Ratios are {label} / vLLM's server.", ""]
     return "\n".join(lines)
+
+
+def _table_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "| workload | concurrency | req/s | output tok/s | goodput | TTFT p50 | TTFT p99 "
+        "| TPOT p50 | TPOT p99 | TTFT p50 overhead (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [
+            row["workload"],
+            str(row["concurrency"]),
+            *(_cell(row[f"{metric}_ratio"]) for metric in RATIO_METRICS),
+            f"{row['ttft_p50_overhead_ms']:+.1f}",
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    return lines
 
 
 def _cell(ratio: float | None) -> str:
@@ -148,7 +168,7 @@ def plot(runs: list[dict], workload: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
-    for stack, colour in (("ours", "tab:blue"), ("vllm", "tab:orange")):
+    for stack, colour in STACK_COLOURS.items():
         points = sorted(
             (run for run in medians(runs) if run["workload"] == workload and run["stack"] == stack),
             key=lambda run: run["concurrency"],
@@ -165,7 +185,7 @@ def plot(runs: list[dict], workload: str, path: Path) -> None:
                 color=colour,
                 alpha=0.3,
             )
-        label = "ministral-serve" if stack == "ours" else "vLLM server"
+        label = STACK_LABELS[stack]
         concurrency = [run["concurrency"] for run in points]
         throughput.plot(
             concurrency, [run["output_throughput"] for run in points], "o-", color=colour, label=label

@@ -1,11 +1,11 @@
-"""One benchmark run: start both stacks, sweep concurrencies per workload, write the report.
+"""One benchmark run: start the stacks, sweep concurrencies per workload, write the report.
 
 For each workload and each concurrency, the same requests go to our
-service and to vLLM's server, one stack after the other, `repeats` times
-(the order alternates from one measurement to the next so that neither
-stack always runs on a warmer machine); the report takes the median of the
-repeats. The load generator is vLLM's own (`vllm.benchmarks.serve`),
-called as `vllm bench serve` would be.
+service, to vLLM's server and (text only) to the peer stacks asked for,
+one stack after the other, `repeats` times (the order rotates from one
+measurement to the next so that no stack always runs on a warmer
+machine); the report takes the median of the repeats. The load generator
+is vLLM's own (`vllm.benchmarks.serve`), called as `vllm bench serve` would be.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.stacks import OurService, Server, ServerFailed, VllmServer, on_gpu
+from benchmarks.stacks import OurService, RayServeLlm, Server, ServerFailed, VllmServer, on_gpu
 from benchmarks.vllm_cpu_shim import cpu_multimodal_checkpoint
 from benchmarks.workloads import CPU_DEMO_SHAPE, GPU_SHAPE, WorkloadName, WorkloadShape, build_workload
 from deployments.checkpoint import Checkpoint, cache_root, open_checkpoint, write_language_model_view
 from serve.config import AppConfig
 
+# Peer stacks the benchmark can add to the text workload.
+PEERS = {"ray-serve-llm": RayServeLlm}
 # The latency target goodput counts against (vLLM's `--goodput`), in ms.
 DEFAULT_GOODPUT = {"ttft": 1000.0, "tpot": 100.0}
 # Keys of vLLM's result kept per run (the rest are per-request lists).
@@ -61,9 +63,17 @@ class BenchSettings:
     repeats: int = 3
     shape: WorkloadShape | None = None
     goodput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOODPUT))
+    # Other serving stacks measured on the text workload, named as in `PEERS`.
+    peers: tuple[str, ...] = ()
     output_root: Path = Path("benchmarks/results")
     ours_port: int = 8300
     vllm_port: int = 8400
+    peer_port: int = 8500
+
+    def __post_init__(self) -> None:
+        unknown = set(self.peers) - PEERS.keys()
+        if unknown:
+            raise ValueError(f"unknown peer stack(s) {sorted(unknown)}; known: {sorted(PEERS)}")
 
     def num_prompts(self, concurrency: int) -> int:
         return max(self.min_prompts, self.rounds * concurrency)
@@ -88,6 +98,7 @@ def run(settings: BenchSettings) -> dict:
         "repeats": settings.repeats,
         "load_generator": f"vllm.benchmarks.serve (vLLM {_vllm_version()})",
         "workloads": {},
+        "peers": {},
         "runs": [],
     }
     ours = OurService(settings.config, settings.ours_port, out / "logs" / "ours.log")
@@ -101,12 +112,20 @@ def run(settings: BenchSettings) -> dict:
                 settings.vllm_port,
                 out / "logs" / "vllm-text.log",
             )
-            _sweep(settings, shape, text, ours, baseline, checkpoint, out, results)
+            peers = tuple(
+                PEERS[peer](settings.config, settings.peer_port + i, out / "logs" / f"{peer}.log")
+                for i, peer in enumerate(settings.peers)
+            )
+            _sweep(settings, shape, text, ours, baseline, checkpoint, out, results, peers)
         if images:
             baseline = _multimodal_baseline(settings.config, checkpoint, settings.vllm_port, out)
             _sweep(settings, shape, images, ours, baseline, checkpoint, out, results)
     results["table"] = report.ratio_table(results["runs"])
     results["summary"] = report.summary(results["runs"])
+    for peer, about in results["peers"].items():
+        if "unavailable" not in about:
+            about["table"] = report.ratio_table(results["runs"], stack=peer)
+            about["summary"] = report.summary(results["runs"], stack=peer)
     report.write(results, out)
     return results
 
@@ -138,29 +157,38 @@ def _sweep(
     checkpoint: Checkpoint,
     out: Path,
     results: dict,
+    peers: tuple[Server, ...] = (),
 ) -> None:
+    stacks: list[Server] = [ours]
     try:
-        baseline.start()
-        stacks: tuple[Server, ...] = (ours, baseline)
-    except ServerFailed as e:
-        for name in workloads:
-            results["workloads"][name] = {"baseline_unavailable": str(e).splitlines()[0]}
-        stacks = (ours,)
-    try:
+        try:
+            baseline.start()
+            stacks.append(baseline)
+        except ServerFailed as e:
+            for name in workloads:
+                results["workloads"][name] = {"baseline_unavailable": str(e).splitlines()[0]}
+        for peer in peers:
+            try:
+                peer.start()
+                stacks.append(peer)
+                results["peers"][peer.key] = {"workloads": list(workloads)}
+            except ServerFailed as e:
+                results["peers"][peer.key] = {"unavailable": str(e).splitlines()[0]}
         measurement = 0
         for concurrency in settings.concurrencies:
             for name in workloads:
                 workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
                 results["workloads"].setdefault(name, {"description": workload.description})
                 for repeat in range(settings.repeats):
-                    order = stacks if measurement % 2 == 0 else stacks[::-1]
+                    first = measurement % len(stacks)
                     measurement += 1
-                    for stack in order:
+                    for stack in stacks[first:] + stacks[:first]:
                         results["runs"].append(
                             _measure(settings, workload, stack, concurrency, checkpoint, repeat)
                         )
     finally:
-        baseline.stop()
+        for stack in (baseline, *peers):
+            stack.stop()
 
 
 def _measure(
@@ -198,7 +226,7 @@ def _measure(
     errors = [error for error in measured.get("errors", []) if error]
     return {
         "workload": workload.name,
-        "stack": "ours" if isinstance(stack, OurService) else "vllm",
+        "stack": stack.key,
         "concurrency": concurrency,
         "repeat": repeat,
         "num_prompts": num_prompts,

@@ -1,10 +1,12 @@
-"""The two stacks under test, each a server process started and stopped by the benchmark.
+"""The stacks under test, each a server process started and stopped by the benchmark.
 
 `OurService` is `ministral-serve run` on its own local Ray instance.
 `VllmServer` is vLLM's own OpenAI-compatible server
 (`vllm.entrypoints.openai.api_server`) with the same engine settings: on
 the language-model view of the checkpoint for text (what our decoder
-loads), on the multimodal checkpoint for images.
+loads), on the multimodal checkpoint for images. `RayServeLlm` is a peer,
+Ray Serve LLM on its own local Ray instance, with the same engine settings,
+for text.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Server:
     """A server subprocess in its own process group, with its output in `log_path`."""
 
     name: str
+    # The stack's name in the results.
+    key: str
 
     def __init__(self, port: int, log_path: Path):
         self.port = port
@@ -104,24 +108,28 @@ class Server:
         self.stop()
 
 
+def _write_serve_config(config: AppConfig, path: Path) -> Path:
+    document = {
+        "applications": [
+            {
+                "name": "ministral",
+                "route_prefix": "/",
+                "import_path": "serve.app:build_app",
+                "args": config.model_dump(mode="json", exclude_unset=True),
+            }
+        ]
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
 class OurService(Server):
-    name = "ours"
+    name = key = "ours"
 
     def __init__(self, config: AppConfig, port: int, log_path: Path):
         super().__init__(port, log_path)
-        self._config_path = log_path.with_suffix(".serve.yaml")
-        document = {
-            "applications": [
-                {
-                    "name": "ministral",
-                    "route_prefix": "/",
-                    "import_path": "serve.app:build_app",
-                    "args": config.model_dump(mode="json", exclude_unset=True),
-                }
-            ]
-        }
-        self._config_path.parent.mkdir(parents=True, exist_ok=True)
-        self._config_path.write_text(yaml.safe_dump(document, sort_keys=False))
+        self._config_path = _write_serve_config(config, log_path.with_suffix(".serve.yaml"))
 
     def command(self) -> list[str]:
         return [
@@ -142,7 +150,31 @@ class OurService(Server):
         return {"RAY_ADDRESS": "local"}
 
 
+class RayServeLlm(Server):
+    name = key = "ray-serve-llm"
+
+    def __init__(self, config: AppConfig, port: int, log_path: Path):
+        super().__init__(port, log_path)
+        self._config_path = _write_serve_config(config, log_path.with_suffix(".serve.yaml"))
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.ray_serve_llm",
+            "--config",
+            str(self._config_path),
+            "--port",
+            str(self.port),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {"RAY_ADDRESS": "local"}
+
+
 class VllmServer(Server):
+    key = "vllm"
+
     def __init__(
         self,
         config: AppConfig,

@@ -123,7 +123,7 @@ def _configs(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from benchmarks.runner import BenchSettings, run
+    from benchmarks.runner import PEERS, BenchSettings, run
     from benchmarks.workloads import WORKLOADS
     from serve.config import AppConfig
 
@@ -143,6 +143,10 @@ def _bench(args: argparse.Namespace) -> None:
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         sys.exit(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    peers = tuple(peer for peer in args.peers.split(",") if peer)
+    unknown = sorted(set(peers) - PEERS.keys())
+    if unknown:
+        sys.exit(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or '' for none)")
     settings = BenchSettings(
         name=args.name,
         config=AppConfig.model_validate(app_args),
@@ -150,6 +154,7 @@ def _bench(args: argparse.Namespace) -> None:
         concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
         rounds=args.rounds,
         repeats=args.repeats,
+        peers=peers,
         output_root=args.output_root,
     )
     results = run(settings)
@@ -220,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         type=_positive_int,
         default=3,
         help="measurements per stack and level; the report takes the median",
+    )
+    bench.add_argument(
+        "--peers",
+        default="ray-serve-llm",
+        help="comma-separated peer stacks measured on the text workload too ('' for none)",
     )
     bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
     bench.set_defaults(handler=_bench)

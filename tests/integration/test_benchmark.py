@@ -1,7 +1,9 @@
-"""A short real benchmark run: both stacks start, vLLM's load generator drives them, the report is whole.
+"""A short real benchmark run: the stacks start, vLLM's load generator drives them, the report is whole.
 
-No speed is asserted: only that the report is complete, consistent with
-its own runs, and that the servers are gone afterwards.
+Our service and vLLM's server run every workload; the Ray Serve LLM peer
+runs the text one. No speed is asserted: only that the report is
+complete, consistent with its own runs, and that the servers are gone
+afterwards.
 """
 
 from __future__ import annotations
@@ -50,21 +52,22 @@ def bench(demo_checkpoint, tmp_path_factory):
         repeats=REPEATS,
         shape=TINY,
         output_root=tmp_path_factory.mktemp("bench"),
+        peers=("ray-serve-llm",),
         ours_port=_free_port(),
         vllm_port=_free_port(),
+        peer_port=_free_port(),
     )
     return settings, run(settings)
 
 
-def test_every_workload_ran_on_both_stacks_at_every_concurrency_without_failures(bench):
+def test_every_workload_ran_on_every_stack_at_every_concurrency_without_failures(bench):
     settings, results = bench
     runs = {(r["workload"], r["stack"], r["concurrency"], r["repeat"]): r for r in results["runs"]}
+    stacks = {workload: ("ours", "vllm") for workload in WORKLOADS} | {
+        "text": ("ours", "vllm", "ray-serve-llm")
+    }
     expected = {
-        (w, s, c, r)
-        for w in WORKLOADS
-        for s in ("ours", "vllm")
-        for c in CONCURRENCIES
-        for r in range(REPEATS)
+        (w, s, c, r) for w in WORKLOADS for s in stacks[w] for c in CONCURRENCIES for r in range(REPEATS)
     }
     assert set(runs) == expected
     assert len(results["runs"]) == len(expected)
@@ -101,6 +104,18 @@ def test_ratios_are_ours_over_vllm_of_the_recorded_runs(bench):
         )
 
 
+def test_the_peer_has_its_ratios_on_the_text_workload(bench):
+    _, results = bench
+    peer = results["peers"]["ray-serve-llm"]
+    assert [(row["workload"], row["concurrency"]) for row in peer["table"]] == [
+        ("text", c) for c in CONCURRENCIES
+    ]
+    for row in peer["table"]:
+        assert row["repeats"] == {"ray-serve-llm": REPEATS, "vllm": REPEATS}
+        assert row["output_throughput_ratio"] > 0
+    assert peer["summary"]["failed_requests"] == 0
+
+
 def test_summary_carries_the_headline_figures(bench):
     _, results = bench
     summary = results["summary"]
@@ -122,8 +137,11 @@ def test_files_on_disk_match_the_results_and_plots_are_images(bench):
     out = settings.output_root / settings.name
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     table = (out / "results.md").read_text()
+    ours_table = table.split("## Peer: ")[0]
     for workload in WORKLOADS:
-        assert sum(line.startswith(f"| {workload} |") for line in table.splitlines()) == len(CONCURRENCIES)
+        assert sum(line.startswith(f"| {workload} |") for line in ours_table.splitlines()) == len(
+            CONCURRENCIES
+        )
         with Image.open(out / f"{workload}.png") as plot:
             assert plot.format == "PNG" and plot.width > 300
 
@@ -132,3 +150,4 @@ def test_servers_are_stopped_afterwards(bench):
     settings, _ = bench
     assert not _listening(settings.ours_port)
     assert not _listening(settings.vllm_port)
+    assert not _listening(settings.peer_port)

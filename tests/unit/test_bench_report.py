@@ -101,3 +101,48 @@ def test_markdown_table_has_a_row_per_ratio_row():
     text = report.markdown(results)
     assert sum(line.startswith("| text |") for line in text.splitlines()) == 2
     assert "vLLM's server could not run it here: why" in text
+
+
+PEER_RUNS = [
+    *RUNS,
+    _run("text", "ray-serve-llm", 1, tps=80, ttft=70),
+    _run("text", "ray-serve-llm", 8, tps=200, ttft=250, failed=3),
+]
+
+
+def test_a_peer_gets_its_own_ratios_against_vllm_and_leaves_ours_alone():
+    assert report.ratio_table(PEER_RUNS) == report.ratio_table(RUNS)
+    rows = {row["concurrency"]: row for row in report.ratio_table(PEER_RUNS, stack="ray-serve-llm")}
+    assert set(rows) == {1, 8}  # text only: the peer ran no image workload
+    assert rows[8]["output_throughput_ratio"] == pytest.approx(0.5)  # 200 / 400
+    assert rows[1]["ttft_p50_overhead_ms"] == pytest.approx(50.0)  # 70 - 20
+    assert rows[8]["failed"] == {"ray-serve-llm": 3, "vllm": 0}
+    peer = report.summary(PEER_RUNS, stack="ray-serve-llm")
+    assert peer["text_output_tps_ratio"] == pytest.approx(0.5)
+    assert peer["image_repeat_ttft_p50_ratio"] is None
+    assert peer["failed_requests"] == 3
+    # The peer's failures are its own: ours' summary counts ours' and vLLM's runs only.
+    assert report.summary(PEER_RUNS)["failed_requests"] == 1
+
+
+def test_markdown_has_a_section_per_peer():
+    results = {
+        "name": "t",
+        "date": "now",
+        "model": "demo",
+        "layout": None,
+        "load_generator": "vllm.benchmarks.serve",
+        "goodput_target_ms": {"ttft": 1000.0},
+        "workloads": {"text": {"description": "random text"}},
+        "table": report.ratio_table(PEER_RUNS),
+        "summary": report.summary(PEER_RUNS),
+        "peers": {
+            "ray-serve-llm": {"table": report.ratio_table(PEER_RUNS, stack="ray-serve-llm")},
+            "other": {"unavailable": "no such thing"},
+        },
+    }
+    sections = report.markdown(results).split("## Peer: ")
+    assert len(sections) == 3
+    assert sections[1].startswith("Ray Serve LLM")
+    assert "| text | 8 | 0.50 | 0.50 |" in sections[1]
+    assert "It could not run here: no such thing" in sections[2]

@@ -40,6 +40,27 @@ def test_bench_refuses_zero_repeats_before_starting_anything():
     assert "--repeats" in result.stderr and "at least 1" in result.stderr
 
 
+def test_bench_refuses_an_unknown_peer_before_starting_anything(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "bench",
+            "--peers",
+            "ray-serve-llm,tgi",
+            "--output-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "unknown peers ['tgi']" in result.stderr and "ray-serve-llm" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_ruff_lint_and_format_are_clean():
     ruff = Path(sys.executable).parent / "ruff"
     for command in (["check", "."], ["format", "--check", "."]):
