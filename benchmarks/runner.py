@@ -1,11 +1,12 @@
 """One benchmark run: start the stacks, sweep concurrencies per workload, write the report.
 
-For each workload and each concurrency, the same requests go to our
-service, to vLLM's server and (text only) to the peer stacks asked for,
-one stack after the other, `repeats` times (the order rotates from one
-measurement to the next so that no stack always runs on a warmer
-machine); the report takes the median of the repeats. The load generator
-is vLLM's own (`vllm.benchmarks.serve`), called as `vllm bench serve` would be.
+The same requests, per workload and concurrency, go to our service, to
+vLLM's server and (text only) to the peer stacks asked for. Each of
+`repeats` rounds starts every stack in turn, alone on the machine, and
+measures every level on it; the order rotates from one round to the next
+so that no stack always runs on a warmer machine. The report takes the
+median of the repeats. The load generator is vLLM's own
+(`vllm.benchmarks.serve`), called as `vllm bench serve` would be.
 """
 
 from __future__ import annotations
@@ -102,24 +103,23 @@ def run(settings: BenchSettings) -> dict:
         "runs": [],
     }
     ours = OurService(settings.config, settings.ours_port, out / "logs" / "ours.log")
-    with ours:
-        text = [w for w in settings.workloads if w == "text"]
-        images = [w for w in settings.workloads if w != "text"]
-        if text:
-            baseline = VllmServer(
-                settings.config,
-                write_language_model_view(checkpoint),
-                settings.vllm_port,
-                out / "logs" / "vllm-text.log",
-            )
-            peers = tuple(
-                PEERS[peer](settings.config, settings.peer_port + i, out / "logs" / f"{peer}.log")
-                for i, peer in enumerate(settings.peers)
-            )
-            _sweep(settings, shape, text, ours, baseline, checkpoint, out, results, peers)
-        if images:
-            baseline = _multimodal_baseline(settings.config, checkpoint, settings.vllm_port, out)
-            _sweep(settings, shape, images, ours, baseline, checkpoint, out, results)
+    text = [w for w in settings.workloads if w == "text"]
+    images = [w for w in settings.workloads if w != "text"]
+    if text:
+        baseline = VllmServer(
+            settings.config,
+            write_language_model_view(checkpoint),
+            settings.vllm_port,
+            out / "logs" / "vllm-text.log",
+        )
+        peers = tuple(
+            PEERS[peer](settings.config, settings.peer_port + i, out / "logs" / f"{peer}.log")
+            for i, peer in enumerate(settings.peers)
+        )
+        _sweep(settings, shape, text, ours, baseline, checkpoint, out, results, peers)
+    if images:
+        baseline = _multimodal_baseline(settings.config, checkpoint, settings.vllm_port, out)
+        _sweep(settings, shape, images, ours, baseline, checkpoint, out, results)
     results["table"] = report.ratio_table(results["runs"])
     results["summary"] = report.summary(results["runs"])
     for peer, about in results["peers"].items():
@@ -159,36 +159,56 @@ def _sweep(
     results: dict,
     peers: tuple[Server, ...] = (),
 ) -> None:
-    stacks: list[Server] = [ours]
-    try:
-        try:
-            baseline.start()
-            stacks.append(baseline)
-        except ServerFailed as e:
-            for name in workloads:
-                results["workloads"][name] = {"baseline_unavailable": str(e).splitlines()[0]}
-        for peer in peers:
+    """Each repeat starts every stack in turn, alone on the machine, and measures all levels on it.
+
+    Alone, because an idle stack is not idle: our Ray instance takes about
+    20% of a core doing nothing, Ray Serve LLM's nearly a whole one
+    (docs/benchmarks.md), and on two cores that would come out of whichever
+    stack is being measured.
+    """
+    levels = [
+        (concurrency, build_workload(name, shape, out / "data", settings.num_prompts(concurrency)))
+        for concurrency in settings.concurrencies
+        for name in workloads
+    ]
+    for _, workload in levels:
+        results["workloads"].setdefault(workload.name, {"description": workload.description})
+    stacks: list[Server] = [ours, baseline, *peers]
+    for repeat in range(settings.repeats):
+        first = repeat % len(stacks)
+        for stack in stacks[first:] + stacks[:first]:
             try:
-                peer.start()
-                stacks.append(peer)
-                results["peers"][peer.key] = {"workloads": list(workloads)}
+                stack.start()
             except ServerFailed as e:
-                results["peers"][peer.key] = {"unavailable": str(e).splitlines()[0]}
-        measurement = 0
-        for concurrency in settings.concurrencies:
-            for name in workloads:
-                workload = build_workload(name, shape, out / "data", settings.num_prompts(concurrency))
-                results["workloads"].setdefault(name, {"description": workload.description})
-                for repeat in range(settings.repeats):
-                    first = measurement % len(stacks)
-                    measurement += 1
-                    for stack in stacks[first:] + stacks[:first]:
-                        results["runs"].append(
-                            _measure(settings, workload, stack, concurrency, checkpoint, repeat)
-                        )
-    finally:
-        for stack in (baseline, *peers):
-            stack.stop()
+                if stack is ours:
+                    raise
+                _unavailable(stack, baseline, workloads, str(e).splitlines()[0], results)
+                stacks.remove(stack)
+                continue
+            try:
+                for concurrency, workload in levels:
+                    results["runs"].append(
+                        _measure(settings, workload, stack, concurrency, checkpoint, repeat)
+                    )
+            finally:
+                stack.stop()
+    for peer in peers:
+        if peer in stacks:
+            results["peers"][peer.key] = {"workloads": list(workloads)}
+
+
+def _unavailable(
+    stack: Server, baseline: Server, workloads: list[WorkloadName], why: str, results: dict
+) -> None:
+    """Record that a stack could not start; the runs it made in earlier repeats are dropped."""
+    results["runs"] = [
+        run for run in results["runs"] if not (run["stack"] == stack.key and run["workload"] in workloads)
+    ]
+    if stack is baseline:
+        for name in workloads:
+            results["workloads"][name]["baseline_unavailable"] = why
+    else:
+        results["peers"][stack.key] = {"unavailable": why}
 
 
 def _measure(

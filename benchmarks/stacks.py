@@ -53,7 +53,8 @@ class Server:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("w") as log:
+        # Appended to: a benchmark starts each stack once per repeat.
+        with self.log_path.open("a") as log:
             self._process = subprocess.Popen(
                 self.command(),
                 stdout=log,
