@@ -1,6 +1,6 @@
 """Ray Serve LLM (`ray.serve.llm`), a peer stack, on the language-model view of our checkpoint.
 
-`python -m benchmarks.ray_serve_llm --config CONFIG --port PORT` starts a
+`python -m benchmarks.ray_serve_llm --config CONFIG --host HOST --port PORT` starts a
 Ray instance of its own and Ray Serve LLM's OpenAI app on it, with the
 engine settings of our config (as vLLM's server gets them), and keeps
 serving until interrupted. Text only: its multimodal path on this
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.stacks import engine_cpu_environment
 from deployments.checkpoint import open_checkpoint, write_language_model_view
-from deployments.engine_settings import cpu_environment, engine_parallelism, usable_cores
+from deployments.engine_settings import engine_parallelism, usable_cores
 from serve.config import AppConfig
 
 
@@ -58,6 +59,7 @@ def llm_config(config: AppConfig, model_dir: Path, *, on_gpu: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="our Serve config (its first app's args)")
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
 
@@ -70,14 +72,11 @@ def main() -> None:
     config = AppConfig.model_validate(application.get("args") or {})
     on_gpu = torch.cuda.is_available()
     model_dir = write_language_model_view(open_checkpoint(config.model))
-    engine_environment = {}
-    if not on_gpu:
-        parallelism = engine_parallelism(config.engine, on_gpu=False, cpu_cores=len(usable_cores()))
-        engine_environment = cpu_environment(config.engine, parallelism, usable_cores())
+    engine_environment = {} if on_gpu else engine_cpu_environment(config.engine)
     # As for our service (serve/cli.py): Ray's default nice 15 for workers would starve the engine.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(include_dashboard=False, runtime_env={"env_vars": engine_environment})
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port})
     app = build_openai_app(
         {
             "llm_configs": [llm_config(config, model_dir, on_gpu=on_gpu)],
@@ -86,7 +85,7 @@ def main() -> None:
         }
     )
     serve.run(app, name="ray-serve-llm", route_prefix="/")
-    print(f"Ray Serve LLM is up at http://127.0.0.1:{args.port}", flush=True)
+    print(f"Ray Serve LLM is up at http://{args.host}:{args.port}", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -72,9 +72,9 @@ class BenchSettings:
     peer_port: int = 8500
 
     def __post_init__(self) -> None:
-        unknown = set(self.peers) - PEERS.keys()
+        unknown = sorted(set(self.peers) - PEERS.keys())
         if unknown:
-            raise ValueError(f"unknown peer stack(s) {sorted(unknown)}; known: {sorted(PEERS)}")
+            raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or '' for none)")
 
     def num_prompts(self, concurrency: int) -> int:
         return max(self.min_prompts, self.rounds * concurrency)

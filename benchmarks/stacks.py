@@ -23,7 +23,7 @@ import httpx
 import yaml
 
 from deployments.engine_settings import cpu_environment, engine_parallelism, usable_cores
-from serve.config import AppConfig
+from serve.config import AppConfig, EngineConfig
 
 READY_TIMEOUT_S = 900
 
@@ -109,35 +109,33 @@ class Server:
         self.stop()
 
 
-def _write_serve_config(config: AppConfig, path: Path) -> Path:
-    document = {
-        "applications": [
-            {
-                "name": "ministral",
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": config.model_dump(mode="json", exclude_unset=True),
-            }
-        ]
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
+class RayServeStack(Server):
+    """A stack on a Ray instance of its own, started by `python -m MODULE --config --host --port`
+    with our Serve config (its first application's args carry the model and engine settings)."""
 
-
-class OurService(Server):
-    name = key = "ours"
+    module: tuple[str, ...]
 
     def __init__(self, config: AppConfig, port: int, log_path: Path):
         super().__init__(port, log_path)
-        self._config_path = _write_serve_config(config, log_path.with_suffix(".serve.yaml"))
+        self._config_path = log_path.with_suffix(".serve.yaml")
+        document = {
+            "applications": [
+                {
+                    "name": "ministral",
+                    "route_prefix": "/",
+                    "import_path": "serve.app:build_app",
+                    "args": config.model_dump(mode="json", exclude_unset=True),
+                }
+            ]
+        }
+        self._config_path.parent.mkdir(parents=True, exist_ok=True)
+        self._config_path.write_text(yaml.safe_dump(document, sort_keys=False))
 
     def command(self) -> list[str]:
         return [
             sys.executable,
             "-m",
-            "serve",
-            "run",
+            *self.module,
             "--config",
             str(self._config_path),
             "--host",
@@ -151,26 +149,14 @@ class OurService(Server):
         return {"RAY_ADDRESS": "local"}
 
 
-class RayServeLlm(Server):
+class OurService(RayServeStack):
+    name = key = "ours"
+    module = ("serve", "run")
+
+
+class RayServeLlm(RayServeStack):
     name = key = "ray-serve-llm"
-
-    def __init__(self, config: AppConfig, port: int, log_path: Path):
-        super().__init__(port, log_path)
-        self._config_path = _write_serve_config(config, log_path.with_suffix(".serve.yaml"))
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "benchmarks.ray_serve_llm",
-            "--config",
-            str(self._config_path),
-            "--port",
-            str(self.port),
-        ]
-
-    def environment(self) -> dict[str, str]:
-        return {"RAY_ADDRESS": "local"}
+    module = ("benchmarks.ray_serve_llm",)
 
 
 class VllmServer(Server):
@@ -225,14 +211,18 @@ class VllmServer(Server):
     def environment(self) -> dict[str, str]:
         environment = {}
         if not self._on_gpu:
-            engine = self._config.engine
-            parallelism = engine_parallelism(engine, on_gpu=False, cpu_cores=len(usable_cores()))
-            environment.update(cpu_environment(engine, parallelism, usable_cores()))
+            environment.update(engine_cpu_environment(self._config.engine))
         if self._extra_pythonpath is not None:
             environment["PYTHONPATH"] = os.pathsep.join(
                 filter(None, [str(self._extra_pythonpath), os.environ.get("PYTHONPATH")])
             )
         return environment
+
+
+def engine_cpu_environment(engine: EngineConfig) -> dict[str, str]:
+    """What vLLM's CPU backend reads at start-up, for an engine of this config on this machine's cores."""
+    cores = usable_cores()
+    return cpu_environment(engine, engine_parallelism(engine, on_gpu=False, cpu_cores=len(cores)), cores)
 
 
 def _session_members(session_id: int) -> list[int]:

@@ -123,7 +123,7 @@ def _configs(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import json
 
-    from benchmarks.runner import PEERS, BenchSettings, run
+    from benchmarks.runner import BenchSettings, run
     from benchmarks.workloads import WORKLOADS
     from serve.config import AppConfig
 
@@ -143,20 +143,20 @@ def _bench(args: argparse.Namespace) -> None:
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         sys.exit(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
-    peers = tuple(peer for peer in args.peers.split(",") if peer)
-    unknown = sorted(set(peers) - PEERS.keys())
-    if unknown:
-        sys.exit(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or '' for none)")
-    settings = BenchSettings(
-        name=args.name,
-        config=AppConfig.model_validate(app_args),
-        workloads=workloads,
-        concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
-        rounds=args.rounds,
-        repeats=args.repeats,
-        peers=peers,
-        output_root=args.output_root,
-    )
+    config = AppConfig.model_validate(app_args)
+    try:
+        settings = BenchSettings(
+            name=args.name,
+            config=config,
+            workloads=workloads,
+            concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+            rounds=args.rounds,
+            repeats=args.repeats,
+            peers=tuple(peer for peer in args.peers.split(",") if peer),
+            output_root=args.output_root,
+        )
+    except ValueError as e:  # an unknown peer
+        sys.exit(str(e))
     results = run(settings)
     print(json.dumps(results["summary"], indent=2))
     print(f"results, table and plots in {args.output_root / args.name}/")

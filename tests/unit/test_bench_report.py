@@ -83,21 +83,27 @@ def test_a_workload_without_baseline_has_no_ratios_and_no_verdict():
     assert summary["text_output_tps_ratio"] == pytest.approx(0.95)
 
 
-def test_markdown_table_has_a_row_per_ratio_row():
-    results = {
+def _results(runs: list[dict], workloads: dict, **more) -> dict:
+    """What `runner.run` hands to `report.markdown`, for these runs."""
+    return {
         "name": "t",
         "date": "now",
         "model": "demo",
         "layout": None,
         "load_generator": "vllm.benchmarks.serve",
         "goodput_target_ms": {"ttft": 1000.0},
-        "workloads": {
-            "text": {"description": "random text"},
-            "image-repeat": {"baseline_unavailable": "why"},
-        },
-        "table": report.ratio_table(RUNS),
-        "summary": report.summary(RUNS),
+        "workloads": workloads,
+        "table": report.ratio_table(runs),
+        "summary": report.summary(runs),
+        **more,
     }
+
+
+def test_markdown_table_has_a_row_per_ratio_row():
+    results = _results(
+        RUNS,
+        {"text": {"description": "random text"}, "image-repeat": {"baseline_unavailable": "why"}},
+    )
     text = report.markdown(results)
     assert sum(line.startswith("| text |") for line in text.splitlines()) == 2
     assert "vLLM's server could not run it here: why" in text
@@ -126,21 +132,14 @@ def test_a_peer_gets_its_own_ratios_against_vllm_and_leaves_ours_alone():
 
 
 def test_markdown_has_a_section_per_peer():
-    results = {
-        "name": "t",
-        "date": "now",
-        "model": "demo",
-        "layout": None,
-        "load_generator": "vllm.benchmarks.serve",
-        "goodput_target_ms": {"ttft": 1000.0},
-        "workloads": {"text": {"description": "random text"}},
-        "table": report.ratio_table(PEER_RUNS),
-        "summary": report.summary(PEER_RUNS),
-        "peers": {
+    results = _results(
+        PEER_RUNS,
+        {"text": {"description": "random text"}},
+        peers={
             "ray-serve-llm": {"table": report.ratio_table(PEER_RUNS, stack="ray-serve-llm")},
             "other": {"unavailable": "no such thing"},
         },
-    }
+    )
     sections = report.markdown(results).split("## Peer: ")
     assert len(sections) == 3
     assert sections[1].startswith("Ray Serve LLM")
