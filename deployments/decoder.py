@@ -11,7 +11,6 @@ replaces the [IMG] rows of the token embeddings with the image features.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -38,6 +37,7 @@ from deployments.messages import (
     SamplingSettings,
 )
 from deployments.output_parsing import ChoiceParser, position_logprobs
+from deployments.stream_pacing import paced
 from serve.config import AppConfig
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ class DecoderEngine:
         )
         parsers: dict[int, ChoiceParser] = {}
         first = True
-        async for output in self.engine.generate(prompt, sampling, request.request_id):
+        outputs = self.engine.generate(prompt, sampling, request.request_id)
+        async for output in paced(outputs, self.stream_interval_s):
             choices = []
             for completion in output.outputs:
                 delta = self._choice_delta(request, completion, parsers)
@@ -186,10 +187,6 @@ class DecoderEngine:
                 ]
             first = False
             yield DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
-            if self.stream_interval_s and not output.finished:
-                # vLLM merges the request's outputs while this task sleeps
-                # (RequestOutputCollector aggregates deltas for a slow consumer).
-                await asyncio.sleep(self.stream_interval_s)
 
     def _choice_delta(
         self, request: DecodeRequest, completion, parsers: dict[int, ChoiceParser]

@@ -276,7 +276,7 @@ class StreamingConfig(_Strict):
             "Least time between two chunks of one request leaving the decoder. Tokens generated "
             "meanwhile go out together in one chunk (vLLM merges them), so each hop (decoder -> "
             "ingress -> proxy -> client) carries fewer, larger messages under load. The first chunk "
-            "and the last are never held (the last waits at most one interval). Ray Serve LLM batches "
+            "(time to first token) and the last (end of the stream) are never held. Ray Serve LLM batches "
             "its streams the same way, 50 ms by default. 0 sends every engine step on its own."
         ),
     )
