@@ -22,7 +22,14 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.stacks import OurService, RayServeLlm, Server, ServerFailed, VllmServer, on_gpu
 from benchmarks.vllm_cpu_shim import cpu_multimodal_checkpoint
-from benchmarks.workloads import CPU_DEMO_SHAPE, GPU_SHAPE, WorkloadName, WorkloadShape, build_workload
+from benchmarks.workloads import (
+    CPU_DEMO_SHAPE,
+    GPU_SHAPE,
+    WORKLOADS,
+    WorkloadName,
+    WorkloadShape,
+    build_workload,
+)
 from deployments.checkpoint import Checkpoint, cache_root, open_checkpoint, write_language_model_view
 from serve.config import AppConfig
 
@@ -72,8 +79,14 @@ class BenchSettings:
     peer_port: int = 8500
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.peers) - PEERS.keys())
-        if unknown:
+        """Refuses what would fail only after servers started, or measure nothing."""
+        if not self.workloads:
+            raise ValueError(f"no workloads; choose from {', '.join(WORKLOADS)}")
+        if unknown := sorted(set(self.workloads) - set(WORKLOADS)):
+            raise ValueError(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+        if not self.concurrencies or min(self.concurrencies) < 1:
+            raise ValueError(f"concurrency levels must be at least 1, not {list(self.concurrencies)}")
+        if unknown := sorted(set(self.peers) - PEERS.keys()):
             raise ValueError(f"unknown peers {unknown}; choose from {', '.join(PEERS)} (or '' for none)")
 
     def num_prompts(self, concurrency: int) -> int:

@@ -63,6 +63,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
+
+
 def _plan(args: argparse.Namespace) -> None:
     import json
 
@@ -139,23 +146,19 @@ def _bench(args: argparse.Namespace) -> None:
     app_args["use_default_system_prompt"] = False
     if args.max_model_len:
         app_args.setdefault("engine", {})["max_model_len"] = args.max_model_len
-    workloads = tuple(args.workloads.split(",")) if args.workloads else WORKLOADS
-    unknown = sorted(set(workloads) - set(WORKLOADS))
-    if unknown:
-        sys.exit(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
     config = AppConfig.model_validate(app_args)
     try:
         settings = BenchSettings(
             name=args.name,
             config=config,
-            workloads=workloads,
-            concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+            workloads=tuple(args.workloads.split(",")) if args.workloads else WORKLOADS,
+            concurrencies=args.concurrency,
             rounds=args.rounds,
             repeats=args.repeats,
             peers=tuple(peer for peer in args.peers.split(",") if peer),
             output_root=args.output_root,
         )
-    except ValueError as e:  # an unknown peer
+    except ValueError as e:  # an unknown workload or peer, a concurrency below 1
         sys.exit(str(e))
     results = run(settings)
     print(json.dumps(results["summary"], indent=2))
@@ -216,7 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--config", help="a Serve config to take our service's settings from")
     bench.add_argument("--max-model-len", type=int, help="engine.max_model_len for both stacks")
     bench.add_argument("--workloads", help="comma-separated (default: all)")
-    bench.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated concurrency levels")
+    bench.add_argument(
+        "--concurrency",
+        type=_integers,
+        default="1,2,4,8,16,32",
+        help="comma-separated concurrency levels",
+    )
     bench.add_argument(
         "--rounds", type=_positive_int, default=4, help="requests per level = rounds x concurrency"
     )

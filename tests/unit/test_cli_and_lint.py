@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -40,24 +42,24 @@ def test_bench_refuses_zero_repeats_before_starting_anything():
     assert "--repeats" in result.stderr and "at least 1" in result.stderr
 
 
-def test_bench_refuses_an_unknown_peer_before_starting_anything(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "value", "exit_status", "message"),
+    [
+        ("--peers", "ray-serve-llm,tgi", 1, "unknown peers ['tgi']; choose from ray-serve-llm"),
+        ("--workloads", "text,video", 1, "unknown workloads ['video']; choose from text, image-repeat"),
+        ("--concurrency", "1,0", 1, "concurrency levels must be at least 1, not [1, 0]"),
+        ("--concurrency", "1,many", 2, "--concurrency: expected comma-separated integers, not '1,many'"),
+    ],
+)
+def test_bench_refuses_bad_settings_before_starting_anything(tmp_path, option, value, exit_status, message):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve",
-            "bench",
-            "--peers",
-            "ray-serve-llm,tgi",
-            "--output-root",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "serve", "bench", option, value, "--output-root", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1
-    assert "unknown peers ['tgi']" in result.stderr and "ray-serve-llm" in result.stderr
+    assert result.returncode == exit_status
+    assert message in result.stderr
     assert not any(tmp_path.iterdir())
 
 
