@@ -8,6 +8,7 @@ there are (deployments/engine_settings.py).
 """
 
 import json
+import time
 
 import pytest
 import ray
@@ -50,6 +51,15 @@ def replica_placement_groups(app: str) -> list[dict]:
         for pg in ray.util.placement_group_table().values()
         if pg["name"].startswith(f"SERVE_REPLICA::{app}#Decoder#") and pg["state"] == "CREATED"
     ]
+
+
+def free_gpus_after_release(timeout_s: float = 60) -> float:
+    """Free GPUs once a deleted app has given its back: Ray removes a deleted
+    replica's placement group some time after `serve.delete` returns."""
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get("GPU", 0)) < LOGICAL_GPUS and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return free
 
 
 def greedy_tokens(client, model: str) -> list[int]:
@@ -124,4 +134,4 @@ def test_preset_deploys_is_placed_and_answers(service, client, demo_checkpoint, 
         assert greedy_tokens(client, name) == greedy_tokens(reference_client, service.model)
     finally:
         serve.delete(app)
-    assert ray.available_resources().get("GPU", 0) == LOGICAL_GPUS
+    assert free_gpus_after_release() == LOGICAL_GPUS
