@@ -1,22 +1,14 @@
 """A client that goes away mid-stream frees its request in the engine."""
 
 import json
-import time
 
 import httpx
+
+from tests.integration.conftest import wait_for
 
 
 def unfinished(decoder_handle) -> int:
     return decoder_handle.num_unfinished_requests.remote().result(timeout_s=30)
-
-
-def wait_for(predicate, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_disconnect_aborts_the_engine_request(service, decoder_handle):

@@ -8,7 +8,6 @@ there are (deployments/engine_settings.py).
 """
 
 import json
-import time
 
 import pytest
 import ray
@@ -21,7 +20,7 @@ from serve.capacity import GIB, TextModel, kv_capacity
 from serve.config import AppConfig
 from serve.layouts import ENCODER_GPU_SHARE, LAYOUTS, get_layout
 from tests.image_server import data_url, image_bytes
-from tests.integration.conftest import LOGICAL_GPUS
+from tests.integration.conftest import LOGICAL_GPUS, wait_for
 
 
 def layout_config(name: str, checkpoint) -> AppConfig:
@@ -51,15 +50,6 @@ def replica_placement_groups(app: str) -> list[dict]:
         for pg in ray.util.placement_group_table().values()
         if pg["name"].startswith(f"SERVE_REPLICA::{app}#Decoder#") and pg["state"] == "CREATED"
     ]
-
-
-def free_gpus_after_release(timeout_s: float = 60) -> float:
-    """Free GPUs once a deleted app has given its back: Ray removes a deleted
-    replica's placement group some time after `serve.delete` returns."""
-    deadline = time.monotonic() + timeout_s
-    while (free := ray.available_resources().get("GPU", 0)) < LOGICAL_GPUS and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return free
 
 
 def greedy_tokens(client, model: str) -> list[int]:
@@ -134,4 +124,7 @@ def test_preset_deploys_is_placed_and_answers(service, client, demo_checkpoint, 
         assert greedy_tokens(client, name) == greedy_tokens(reference_client, service.model)
     finally:
         serve.delete(app)
-    assert free_gpus_after_release() == LOGICAL_GPUS
+    # Ray removes a deleted replica's placement group some time after serve.delete returns.
+    assert wait_for(lambda: ray.available_resources().get("GPU", 0) == LOGICAL_GPUS, timeout_s=60), (
+        f"{ray.available_resources().get('GPU', 0)} of {LOGICAL_GPUS} GPUs free after deleting {app}"
+    )
