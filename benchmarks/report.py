@@ -23,6 +23,13 @@ RATIO_METRICS = (
     "median_tpot_ms",
     "p99_tpot_ms",
 )
+# Per stack, not as a ratio: share of the streamed requests that arrived in one piece.
+STREAM_METRICS = ("one_piece_share",)
+# A stream arrived in one piece when its first token reached the client after
+# this share of the request's time: the stack held every chunk until the end.
+ONE_PIECE_TTFT_SHARE = 0.9
+# Shorter completions can legitimately fit in their first chunk's time.
+ONE_PIECE_MIN_TOKENS = 8
 # What the issue's targets ask of the headline figures.
 TARGETS = {
     "text_output_tps_ratio": (">=", 0.95),
@@ -37,6 +44,24 @@ def _ratio(ours: float | None, baseline: float | None) -> float | None:
     return round(float(ours) / float(baseline), 4)
 
 
+def one_piece_share(ttfts: list[float], latencies: list[float], output_lens: list[int]) -> float | None:
+    """Share of the requests (of at least `ONE_PIECE_MIN_TOKENS` tokens) whose stream
+    reached the client in one piece, from vLLM's per-request figures; None if none qualifies.
+
+    Such a request has a normal total time but a TTFT close to it and a TPOT near 0:
+    a user sees a stream that does not stream.
+    """
+    streamed = [
+        (ttft, latency)
+        for ttft, latency, tokens in zip(ttfts, latencies, output_lens, strict=True)
+        if tokens >= ONE_PIECE_MIN_TOKENS and latency > 0
+    ]
+    if not streamed:
+        return None
+    in_one_piece = sum(ttft >= ONE_PIECE_TTFT_SHARE * latency for ttft, latency in streamed)
+    return round(in_one_piece / len(streamed), 4)
+
+
 def medians(runs: list[dict]) -> list[dict]:
     """One run per workload, concurrency and stack: each metric's median over the repeats.
 
@@ -48,7 +73,7 @@ def medians(runs: list[dict]) -> list[dict]:
     merged = []
     for (workload, concurrency, stack), repeats in groups.items():
         run = {"workload": workload, "concurrency": concurrency, "stack": stack, "repeats": len(repeats)}
-        for metric in RATIO_METRICS:
+        for metric in RATIO_METRICS + STREAM_METRICS:
             values = [repeat[metric] for repeat in repeats if repeat.get(metric) is not None]
             run[metric] = statistics.median(values) if values else None
         run["failed"] = sum(repeat["failed"] or 0 for repeat in repeats)
@@ -69,6 +94,7 @@ def ratio_table(runs: list[dict], stack: str = "ours") -> list[dict]:
         for metric in RATIO_METRICS:
             row[f"{metric}_ratio"] = _ratio(measured[metric], baseline[metric])
         row["ttft_p50_overhead_ms"] = round(float(measured["median_ttft_ms"] - baseline["median_ttft_ms"]), 2)
+        row["one_piece_share"] = {stack: measured["one_piece_share"], "vllm": baseline["one_piece_share"]}
         row["failed"] = {stack: measured["failed"], "vllm": baseline["failed"]}
         row["repeats"] = {stack: measured["repeats"], "vllm": baseline["repeats"]}
         rows.append(row)
@@ -93,6 +119,8 @@ def summary(runs: list[dict], stack: str = "ours") -> dict:
         headline[f"{key}_output_tps_ratio_min"] = _worst(rows, "output_throughput_ratio", min)
         headline[f"{key}_ttft_p50_ratio"] = _worst(rows, "median_ttft_ms_ratio", max)
         headline[f"{key}_ttft_p50_overhead_ms"] = _worst(rows, "ttft_p50_overhead_ms", max)
+    shares = [row["one_piece_share"][stack] for row in table if row["one_piece_share"][stack] is not None]
+    headline["one_piece_share_max"] = max(shares) if shares else None
     for name in TARGETS:
         headline.setdefault(name, None)
     headline["targets_met"] = {name: _meets(headline[name], *target) for name, target in TARGETS.items()}
@@ -121,7 +149,13 @@ def markdown(results: dict) -> str:
         *_table_lines(results["table"]),
     ]
     repeats = results.get("repeats", 1)
-    lines += ["", f"Ratios are ours / vLLM's server, of the medians of {repeats} measurements per stack.", ""]
+    lines += [
+        "",
+        f"Ratios are ours / vLLM's server, of the medians of {repeats} measurements per stack. "
+        f"'In one piece' is the share of streamed requests whose first token came after "
+        f"{ONE_PIECE_TTFT_SHARE:.0%} of the request's time: every chunk held until the end.",
+        "",
+    ]
     for workload, about in results["workloads"].items():
         if "baseline_unavailable" in about:
             lines.append(
@@ -143,8 +177,8 @@ def markdown(results: dict) -> str:
 def _table_lines(rows: list[dict]) -> list[str]:
     lines = [
         "| workload | concurrency | req/s | output tok/s | goodput | TTFT p50 | TTFT p99 "
-        "| TPOT p50 | TPOT p99 | TTFT p50 overhead (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TPOT p50 | TPOT p99 | TTFT p50 overhead (ms) | in one piece (stack / vLLM) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [
@@ -152,6 +186,7 @@ def _table_lines(rows: list[dict]) -> list[str]:
             str(row["concurrency"]),
             *(_cell(row[f"{metric}_ratio"]) for metric in RATIO_METRICS),
             f"{row['ttft_p50_overhead_ms']:+.1f}",
+            " / ".join(_cell(share) for share in row["one_piece_share"].values()),
         ]
         lines.append(f"| {' | '.join(cells)} |")
     return lines

@@ -253,6 +253,8 @@ def _measure(
             *[f"{metric}:{target_ms:g}" for metric, target_ms in settings.goodput.items()],
             "--disable-tqdm",
             "--seed=0",
+            # Keeps the per-request figures (TTFTs, errors) in the returned result.
+            "--save-detailed",
         ]
     )
     measured = main(args)
@@ -265,6 +267,9 @@ def _measure(
         "num_prompts": num_prompts,
         # vLLM's figures may be numpy scalars.
         **{key: _plain(measured.get(key)) for key in KEPT_METRICS},
+        "one_piece_share": report.one_piece_share(
+            measured.get("ttfts", []), measured.get("latencies", []), measured.get("output_lens", [])
+        ),
         "first_error": errors[0] if errors else None,
     }
 

@@ -76,6 +76,8 @@ def test_every_workload_ran_on_every_stack_at_every_concurrency_without_failures
         assert measured["completed"] == settings.num_prompts(key[2])
         assert measured["output_throughput"] > 0
         assert measured["median_ttft_ms"] > 0
+        # Every request has TINY's 8 output tokens, enough to tell a stream from a lump.
+        assert 0 <= measured["one_piece_share"] <= 1
 
 
 def test_ratios_are_ours_over_vllm_of_the_recorded_runs(bench):
@@ -130,6 +132,8 @@ def test_summary_carries_the_headline_figures(bench):
         "image_repeat_ttft_p50_ratio",
     }
     assert summary["failed_requests"] == 0
+    shares = [r["one_piece_share"]["ours"] for r in results["table"]]
+    assert summary["one_piece_share_max"] == max(shares)
 
 
 def test_files_on_disk_match_the_results_and_plots_are_images(bench):

@@ -145,3 +145,31 @@ def test_markdown_has_a_section_per_peer():
     assert sections[1].startswith("Ray Serve LLM")
     assert "| text | 8 | 0.50 | 0.50 |" in sections[1]
     assert "It could not run here: no such thing" in sections[2]
+
+
+def test_a_stream_whose_first_token_comes_at_the_end_counts_as_one_piece():
+    # (ttft, latency, output tokens) as vLLM's load generator records them per request
+    requests = [
+        (0.02, 0.30, 64),  # streamed
+        (0.29, 0.30, 64),  # every chunk at the end
+        (0.25, 0.30, 64),  # late first token, but later chunks still streamed
+        (0.10, 0.10, 1),  # too short to tell
+        (0.0, 0.0, 0),  # failed
+    ]
+    ttfts, latencies, output_lens = (list(column) for column in zip(*requests, strict=True))
+    assert report.one_piece_share(ttfts, latencies, output_lens) == pytest.approx(1 / 3, abs=1e-4)
+    assert report.one_piece_share(ttfts[3:], latencies[3:], output_lens[3:]) is None
+
+
+def test_the_one_piece_share_is_shown_per_stack_and_its_worst_is_in_the_summary():
+    runs = [
+        {**run, "one_piece_share": share}
+        for run, share in zip(RUNS, (0.0, 0.0, 0.5, 0.0, 0.25, 0.0, None, 0.0), strict=True)
+    ]
+    rows = {(row["workload"], row["concurrency"]): row for row in report.ratio_table(runs)}
+    assert rows["text", 8]["one_piece_share"] == {"ours": 0.5, "vllm": 0.0}
+    assert rows["image-repeat", 8]["one_piece_share"] == {"ours": None, "vllm": 0.0}
+    assert report.summary(runs)["one_piece_share_max"] == 0.5
+    assert report.summary(RUNS)["one_piece_share_max"] is None  # results from before the metric
+    table = "\n".join(report._table_lines(report.ratio_table(runs)))
+    assert "| 0.50 / 0.00 |" in table and "| - / 0.00 |" in table
