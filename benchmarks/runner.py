@@ -268,7 +268,7 @@ def _measure(
         # vLLM's figures may be numpy scalars.
         **{key: _plain(measured.get(key)) for key in KEPT_METRICS},
         "one_piece_share": report.one_piece_share(
-            measured.get("ttfts", []), measured.get("latencies", []), measured.get("output_lens", [])
+            measured["ttfts"], measured["latencies"], measured["output_lens"]
         ),
         "first_error": errors[0] if errors else None,
     }
