@@ -26,7 +26,12 @@ OPEN_ENDED = {
     "properties": {"title": {"type": "string"}, "items": {"type": "array", "items": {"type": "string"}}},
     "required": ["title", "items"],
 }
-MESSAGES = [{"role": "user", "content": "Answer in JSON."}]
+# A system message of its own: the default one carries today's date, and on
+# some dates the demo model's random weights give one answer for every seed.
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Answer in JSON."},
+]
 
 
 def json_schema_format(schema, name="reply"):
