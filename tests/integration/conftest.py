@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from serve.config import AppConfig
+from tests.ports import free_port
 
 APP_NAME = "ministral"
 LOGICAL_GPUS = 4
@@ -44,12 +44,6 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +83,7 @@ def service(demo_checkpoint) -> Service:
             },
         }
     )
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
     # Metrics reach the export endpoint within a second instead of ten.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112

@@ -18,7 +18,7 @@ from PIL import Image
 from benchmarks.runner import BenchSettings, run
 from benchmarks.workloads import WorkloadShape
 from serve.config import AppConfig
-from tests.integration.conftest import _free_port
+from tests.ports import free_port
 
 WORKLOADS = ("text", "image-repeat")
 CONCURRENCIES = (1, 2)
@@ -53,9 +53,9 @@ def bench(demo_checkpoint, tmp_path_factory):
         shape=TINY,
         output_root=tmp_path_factory.mktemp("bench"),
         peers=("ray-serve-llm",),
-        ours_port=_free_port(),
-        vllm_port=_free_port(),
-        peer_port=_free_port(),
+        ours_port=free_port(),
+        vllm_port=free_port(),
+        peer_port=free_port(),
     )
     return settings, run(settings)
 

@@ -1,7 +1,6 @@
 """Every bad image input is a 400 naming the content part and the reason; the service keeps answering."""
 
 import io
-import socket
 
 import httpx
 import numpy as np
@@ -10,6 +9,7 @@ from PIL import Image
 
 from tests.image_server import data_url, image_bytes
 from tests.integration.test_errors import USER, assert_openai_error, post
+from tests.ports import free_port
 
 PART = "messages[0].content[0].image_url"
 
@@ -20,12 +20,6 @@ def noise_png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG", compress_level=0)
     return buffer.getvalue()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_images(*urls: str, text: str = "What is this?") -> list[dict]:
@@ -40,7 +34,7 @@ def cases(image_server):
     tiny = data_url(image_bytes((8, 8)))
     big_square = data_url(image_bytes((1600, 1600)))
     return {
-        "unreachable": (with_images(f"http://127.0.0.1:{closed_port()}/a.png"), PART, "could not fetch"),
+        "unreachable": (with_images(f"http://127.0.0.1:{free_port()}/a.png"), PART, "could not fetch"),
         "http-404": (with_images(image_server.url("status/404")), PART, "returned HTTP 404"),
         "too-many-redirects": (
             with_images(image_server.url("redirect/3/photo.png")),

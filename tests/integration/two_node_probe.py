@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
+from tests.ports import free_port
+
 PRESETS = ["2gpu-tp", "2gpu-pp", "4gpu-tp2pp2", "4gpu-pp", "4gpu-encoder-pp3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(checkpoint: Path) -> None:

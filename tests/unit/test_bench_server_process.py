@@ -9,13 +9,13 @@ a session of its own.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 
 import pytest
 
 from benchmarks.stacks import Server
+from tests.ports import free_port
 
 # Starts a detached child (as Ray and vLLM start theirs), writes its pid, then serves `directory`.
 LAUNCHER = """
@@ -42,12 +42,6 @@ class TinyServer(Server):
         return [sys.executable, "-c", LAUNCHER, str(self.port), str(self.root), str(self.child_pid_file)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -58,7 +52,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_server_shares_the_runners_session_and_stop_leaves_nothing(tmp_path):
-    server = TinyServer(_free_port(), tmp_path)
+    server = TinyServer(free_port(), tmp_path)
     with server:
         child_pid = int(server.child_pid_file.read_text())
         assert os.getsid(server._process.pid) == os.getsid(0)
@@ -74,7 +68,7 @@ def test_server_shares_the_runners_session_and_stop_leaves_nothing(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_stop_spares_processes_of_another_server(tmp_path):
-    first, second = TinyServer(_free_port(), tmp_path / "a"), TinyServer(_free_port(), tmp_path / "b")
+    first, second = TinyServer(free_port(), tmp_path / "a"), TinyServer(free_port(), tmp_path / "b")
     with second:
         second_child = int(second.child_pid_file.read_text())
         with first:
