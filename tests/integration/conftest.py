@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +32,6 @@ class Service:
     @property
     def max_model_len(self) -> int:
         return self.config.engine.max_model_len
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """Whether `predicate` came true within `timeout_s` (for state Ray updates after a call returns)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import httpx
 
-from tests.integration.conftest import wait_for
+from tests.polling import wait_for
 
 
 def unfinished(decoder_handle) -> int:

@@ -20,7 +20,8 @@ from serve.capacity import GIB, TextModel, kv_capacity
 from serve.config import AppConfig
 from serve.layouts import ENCODER_GPU_SHARE, LAYOUTS, get_layout
 from tests.image_server import data_url, image_bytes
-from tests.integration.conftest import LOGICAL_GPUS, wait_for
+from tests.integration.conftest import LOGICAL_GPUS
+from tests.polling import wait_for
 
 
 def layout_config(name: str, checkpoint) -> AppConfig:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 
 from benchmarks.stacks import Server
+from tests.polling import wait_for
 from tests.ports import free_port
 
 # Starts a detached child (as Ray and vLLM start theirs), writes its pid, then serves `directory`.
@@ -59,10 +59,7 @@ def test_server_shares_the_runners_session_and_stop_leaves_nothing(tmp_path):
         assert os.getpgid(server._process.pid) == server._process.pid != os.getpgid(0)
         assert os.getsid(child_pid) != os.getsid(0)
         assert _alive(child_pid)
-    deadline = time.monotonic() + 10
-    while _alive(child_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(child_pid)
+    assert wait_for(lambda: not _alive(child_pid), timeout_s=10)
     assert server._process.poll() is not None
 
 

@@ -1,0 +1,16 @@
+"""Waiting for state that changes after a call returns (Ray's bookkeeping, processes exiting)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
+    """Whether `predicate` came true within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
