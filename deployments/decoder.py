@@ -37,7 +37,7 @@ from deployments.messages import (
     SamplingSettings,
 )
 from deployments.output_parsing import ChoiceParser, position_logprobs
-from deployments.stream_pacing import paced
+from deployments.stream_pacing import chunk_interval_s, paced
 from serve.config import AppConfig
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class DecoderEngine:
             vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
             os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(config.deployments.decoder.num_gpus)
         self.engine = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
-        self.stream_interval_s = config.streaming.interval_ms / 1000
+        self.streaming = config.streaming
         self.tokenizer = self.engine.get_tokenizer()
         model_config = self.engine.model_config
         cache_config = self.engine.vllm_config.cache_config
@@ -165,7 +165,7 @@ class DecoderEngine:
         parsers: dict[int, ChoiceParser] = {}
         first = True
         outputs = self.engine.generate(prompt, sampling, request.request_id)
-        async for output in paced(outputs, self.stream_interval_s):
+        async for output in paced(outputs, self._chunk_interval_s):
             choices = []
             for completion in output.outputs:
                 delta = self._choice_delta(request, completion, parsers)
@@ -187,6 +187,9 @@ class DecoderEngine:
                 ]
             first = False
             yield DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
+
+    def _chunk_interval_s(self) -> float:
+        return chunk_interval_s(self.engine.get_num_unfinished_requests(), self.streaming)
 
     def _choice_delta(
         self, request: DecodeRequest, completion, parsers: dict[int, ChoiceParser]

@@ -266,7 +266,14 @@ class EncoderConfig(_Strict):
 
 
 class StreamingConfig(_Strict):
-    """How generated tokens travel from the decoder to the client."""
+    """How generated tokens travel from the decoder to the client.
+
+    Each chunk crosses three hops (decoder -> ingress -> proxy -> client), each
+    a Ray message with a fixed CPU cost, so a chunk budget per decoder replica
+    bounds what streaming costs the serving processes: the interval between
+    chunks of one request widens with the number of requests in the replica,
+    from `interval_ms` up to `max_interval_ms` (deployments/stream_pacing.py).
+    """
 
     interval_ms: float = Field(
         default=50.0,
@@ -274,12 +281,35 @@ class StreamingConfig(_Strict):
         le=1000.0,
         description=(
             "Least time between two chunks of one request leaving the decoder. Tokens generated "
-            "meanwhile go out together in one chunk (vLLM merges them), so each hop (decoder -> "
-            "ingress -> proxy -> client) carries fewer, larger messages under load. The first chunk "
-            "(time to first token) and the last (end of the stream) are never held. Ray Serve LLM batches "
+            "meanwhile go out together in one chunk (vLLM merges them). The first chunk (time to "
+            "first token) and the last (end of the stream) are never held. Ray Serve LLM batches "
             "its streams the same way, 50 ms by default. 0 sends every engine step on its own."
         ),
     )
+    max_chunks_per_s: float | None = Field(
+        default=80.0,
+        gt=0.0,
+        description=(
+            "Chunk budget of one decoder replica, summed over its requests: with N requests in "
+            "the replica, one request's chunks are N / max_chunks_per_s apart (at least "
+            "interval_ms, at most max_interval_ms). null keeps every request at interval_ms."
+        ),
+    )
+    max_interval_ms: float = Field(
+        default=200.0,
+        ge=0.0,
+        le=1000.0,
+        description="Widest time between two chunks of one request that the chunk budget may set.",
+    )
+
+    @model_validator(mode="after")
+    def _interval_range(self) -> StreamingConfig:
+        if self.max_interval_ms < self.interval_ms:
+            raise ValueError(
+                f"streaming.max_interval_ms ({self.max_interval_ms}) is below "
+                f"streaming.interval_ms ({self.interval_ms})"
+            )
+        return self
 
 
 class LimitsConfig(_Strict):

@@ -1,18 +1,23 @@
 """Stream pacing (deployments.stream_pacing) on vLLM's own `RequestOutput` deltas.
 
 The engine is replaced by a list of outputs with the times they arrive at,
-read by a fake clock; the merging is vLLM's (`RequestOutput.add`).
+read by a fake clock; the merging is vLLM's (`RequestOutput.add`). The chunk
+budget (`chunk_interval_s`) is checked against the arithmetic its config
+fields document.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
 import pytest
+from pydantic import ValidationError
 from vllm.outputs import CompletionOutput, RequestOutput
 
-from deployments.stream_pacing import paced
+from deployments.stream_pacing import chunk_interval_s, paced
+from serve.config import StreamingConfig
 
 
 def delta(text: str, token_id: int, *, index: int = 0, finished: bool = False) -> RequestOutput:
@@ -27,8 +32,11 @@ def delta(text: str, token_id: int, *, index: int = 0, finished: bool = False) -
     return RequestOutput("r", None, [1, 2], None, [completion], finished)
 
 
-def run(arrivals: list[tuple[float, RequestOutput]], interval_s: float) -> list[tuple[float, RequestOutput]]:
+def run(
+    arrivals: list[tuple[float, RequestOutput]], interval_s: float | Callable[[], float]
+) -> list[tuple[float, RequestOutput]]:
     """Chunks as (time sent, merged output) for outputs arriving at the given times."""
+    interval = interval_s if callable(interval_s) else lambda: interval_s
     now = 0.0
 
     async def engine():
@@ -40,7 +48,7 @@ def run(arrivals: list[tuple[float, RequestOutput]], interval_s: float) -> list[
         now += 1.0
 
     async def collect():
-        return [(now, chunk) async for chunk in paced(engine(), interval_s, clock=lambda: now)]
+        return [(now, chunk) async for chunk in paced(engine(), interval, clock=lambda: now)]
 
     return asyncio.run(collect())
 
@@ -105,3 +113,43 @@ def test_a_stream_that_ends_unfinished_still_delivers_what_it_held():
     chunks = run(arrivals, interval_s=1.0)
     assert texts(chunks) == ["a", "bc"]
     assert chunks[-1][0] == pytest.approx(1.02)
+
+
+def test_the_interval_is_asked_for_after_each_chunk():
+    # The replica gets busier while the request runs: 15 ms, then 55 ms.
+    intervals = itertools.chain([0.015, 0.015], itertools.repeat(0.055))
+    chunks = run(steady_stream(20, step_s=0.01), interval_s=lambda: next(intervals))
+    sent_at = [round(at, 3) for at, _ in chunks]
+    assert sent_at[:5] == [0.01, 0.03, 0.05, 0.11, 0.17]
+    assert "".join(texts(chunks)) == "".join(f"t{i} " for i in range(20))
+
+
+BUDGET = StreamingConfig(interval_ms=50, max_chunks_per_s=160, max_interval_ms=200)
+
+
+@pytest.mark.parametrize("requests_in_replica", [0, 1, 2, 8])
+def test_a_lightly_loaded_replica_streams_at_the_least_interval(requests_in_replica):
+    # 8 requests x one chunk per 50 ms = 160 chunks/s: within the budget.
+    assert chunk_interval_s(requests_in_replica, BUDGET) == pytest.approx(0.050)
+
+
+@pytest.mark.parametrize("requests_in_replica", [12, 16, 24, 32])
+def test_a_busy_replica_shares_its_chunk_budget_among_its_requests(requests_in_replica):
+    interval_s = chunk_interval_s(requests_in_replica, BUDGET)
+    assert 0.050 < interval_s <= 0.200
+    assert requests_in_replica / interval_s == pytest.approx(BUDGET.max_chunks_per_s)
+
+
+@pytest.mark.parametrize("requests_in_replica", [33, 64, 1000])
+def test_the_budget_never_widens_the_interval_past_its_maximum(requests_in_replica):
+    assert chunk_interval_s(requests_in_replica, BUDGET) == pytest.approx(0.200)
+
+
+def test_without_a_budget_every_request_keeps_the_least_interval():
+    fixed = StreamingConfig(interval_ms=30, max_chunks_per_s=None)
+    assert [chunk_interval_s(n, fixed) for n in (1, 32, 1000)] == pytest.approx([0.030] * 3)
+
+
+def test_a_maximum_below_the_least_interval_is_refused_by_name():
+    with pytest.raises(ValidationError, match=r"streaming\.max_interval_ms"):
+        StreamingConfig(interval_ms=100, max_interval_ms=50)
