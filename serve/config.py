@@ -283,7 +283,8 @@ class StreamingConfig(_Strict):
             "Least time between two chunks of one request leaving the decoder. Tokens generated "
             "meanwhile go out together in one chunk (vLLM merges them). The first chunk (time to "
             "first token) and the last (end of the stream) are never held. Ray Serve LLM batches "
-            "its streams the same way, 50 ms by default. 0 sends every engine step on its own."
+            "its streams the same way, 50 ms by default. 0, with max_chunks_per_s null, sends every "
+            "engine step on its own."
         ),
     )
     max_chunks_per_s: float | None = Field(
