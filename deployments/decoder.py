@@ -117,7 +117,7 @@ class DecoderEngine:
             self.default_sampling,
         )
 
-    def sampling_params(self, settings: SamplingSettings, *, parsed: bool):
+    def sampling_params(self, settings: SamplingSettings):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -148,8 +148,12 @@ class DecoderEngine:
             structured_outputs=StructuredOutputsParams(grammar=settings.grammar)
             if settings.grammar
             else None,
-            # The parser needs [THINK] / [TOOL_CALLS] in the text.
-            skip_special_tokens=not parsed,
+            # vLLM's Mistral tokenizer keeps [TOOL_CALLS], [ARGS], [THINK] and
+            # [/THINK] in the text when it skips special tokens, so the output
+            # parser still sees them. Not skipping them is worse than useless
+            # (vLLM 0.32): that branch of `convert_ids_to_tokens` has no byte
+            # fallback, so a character split across tokens comes out as U+FFFD.
+            skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -157,7 +161,7 @@ class DecoderEngine:
         self, request: DecodeRequest, images: ImageTokenEmbeddings | None = None
     ) -> AsyncIterator[DecodeChunk]:
         """Stream the completion; cancelling the iteration aborts the request in vLLM."""
-        sampling = self.sampling_params(request.sampling, parsed=request.parsing is not None)
+        sampling = self.sampling_params(request.sampling)
         copies = request.sampling.n if sampling.n == 1 else 1
         prompt = engine_prompt(
             request.prompt_token_ids, images, self.image_token_id, self.engine.model_config.dtype

@@ -261,3 +261,51 @@ def test_bad_tool_requests_are_400s_naming_the_field(client, service, extra, par
     response = post(service, {"model": service.model, "messages": USER, "max_tokens": 4} | extra)
     assert_openai_error(response, 400, param, text)
     assert httpx.get(f"{service.base_url}/health", timeout=30).status_code == 200
+
+
+def split_character_tokens(tekken, character: str) -> tuple[int, int]:
+    """Two tokens that spell `character` only together: its leading bytes, and a token
+    that starts with its last byte and goes on with whole characters."""
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    encoded = character.encode()
+    lead = trail = None
+    for token_id in range(tekken.num_special_tokens, tekken.n_words):
+        piece = tekken.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
+        if piece == encoded[:-1]:
+            lead = token_id
+        elif trail is None and len(piece) > 1 and piece.startswith(encoded[-1:]):
+            try:
+                piece[1:].decode()
+            except UnicodeDecodeError:
+                continue
+            trail = token_id
+    assert lead is not None and trail is not None, f"tekken has no split tokens for {character!r}"
+    return lead, trail
+
+
+def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service):
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    tekken = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
+    # 靧 is three bytes in UTF-8; tekken has a token for its first two.
+    lead, trail = split_character_tokens(tekken, "靧")
+    response = client.chat.completions.create(
+        model=service.model,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        max_tokens=60,
+        temperature=0,
+        logit_bias={str(lead): 100, str(trail): 100},
+        extra_body={"return_token_ids": True},
+    )
+    choice = response.choices[0]
+    completion_ids = choice.model_extra["token_ids"]
+    assert lead in completion_ids and trail in completion_ids
+    city = json.loads(choice.message.tool_calls[0].function.arguments)["city"]
+    # The grammar lets the lead token only start a character, so the trail token completes it.
+    assert "靧" in city and "\ufffd" not in city
+    generated = tekken.decode(completion_ids, SpecialTokenPolicy.IGNORE)
+    assert json.dumps(city, ensure_ascii=False) in generated
