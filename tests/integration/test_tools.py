@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from openai import AsyncOpenAI
 
@@ -266,8 +267,6 @@ def test_bad_tool_requests_are_400s_naming_the_field(client, service, extra, par
 def split_character_tokens(tekken, character: str) -> tuple[int, int]:
     """Two tokens that spell `character` only together: its leading bytes, and a token
     that starts with its last byte and goes on with whole characters."""
-    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-
     encoded = character.encode()
     lead = trail = None
     for token_id in range(tekken.num_special_tokens, tekken.n_words):
@@ -285,8 +284,6 @@ def split_character_tokens(tekken, character: str) -> tuple[int, int]:
 
 
 def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service):
-    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-
     tekken = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
     # 靧 is three bytes in UTF-8; tekken has a token for its first two.
     lead, trail = split_character_tokens(tekken, "靧")
