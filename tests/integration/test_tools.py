@@ -54,8 +54,12 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris, and what 
 
 
 @pytest.fixture(scope="module")
-def tool_calls_token(service) -> int:
-    tokenizer = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
+def tokenizer(service) -> MistralTokenizer:
+    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
+
+
+@pytest.fixture(scope="module")
+def tool_calls_token(tokenizer) -> int:
     return tokenizer.instruct_tokenizer.tokenizer.get_special_token("[TOOL_CALLS]")
 
 
@@ -100,7 +104,7 @@ def collect_stream(stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 @pytest.mark.parametrize("choice", ["auto", "required", "named"])
-def test_round_trip(client, service, tool_calls_token, choice, stream):
+def test_round_trip(client, service, tokenizer, tool_calls_token, choice, stream):
     first = dict(model=service.model, messages=QUESTION, tools=TOOLS, max_tokens=80)
     first |= choice_arguments(choice, tool_calls_token)
     if stream:
@@ -139,7 +143,6 @@ def test_round_trip(client, service, tool_calls_token, choice, stream):
     assert final.choices[0].message.tool_calls is None
     assert final.choices[0].finish_reason in ("stop", "length")
     # The follow-up prompt is mistral_common's own encoding of that conversation.
-    tokenizer = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
     expected = tokenizer.encode_chat_completion(
         MistralRequest.from_openai(
             [{"role": "system", "content": checkpoint_system_prompt(service.checkpoint)}, *history],
@@ -283,8 +286,8 @@ def split_character_tokens(tekken, character: str) -> tuple[int, int]:
     return lead, trail
 
 
-def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service):
-    tekken = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
+def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service, tokenizer):
+    tekken = tokenizer.instruct_tokenizer.tokenizer
     # 靧 is three bytes in UTF-8; tekken has a token for its first two.
     lead, trail = split_character_tokens(tekken, "靧")
     response = client.chat.completions.create(
