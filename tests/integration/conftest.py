@@ -104,6 +104,19 @@ def client(service):
 
 
 @pytest.fixture(scope="session")
+def tokenizer(service):
+    """mistral_common's tokenizer for the demo checkpoint: the reference for prompts and decoding."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
+
+
+@pytest.fixture(scope="session")
+def tekken(tokenizer):
+    return tokenizer.instruct_tokenizer.tokenizer
+
+
+@pytest.fixture(scope="session")
 def decoder_handle(service):
     from ray import serve
 

@@ -1,25 +1,27 @@
 """Chat completions over HTTP with the official openai client."""
 
 import asyncio
-import datetime as dt
 import json
 
 import pytest
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from tests.prompts import UNDATED_SYSTEM_MESSAGE
+from tests.reference import checkpoint_system_prompt
 
 GREEDY = {"temperature": 0}
 IDS = {"return_token_ids": True}
 
 
-def ask(client, service, content="Tell me a story.", **kwargs):
+def ask(client, service, content="Tell me a story.", *, undated=False, **kwargs):
+    system = [UNDATED_SYSTEM_MESSAGE] if undated else []
     return client.chat.completions.create(
-        model=service.model, messages=[{"role": "user", "content": content}], **kwargs
+        model=service.model, messages=[*system, {"role": "user", "content": content}], **kwargs
     )
 
 
-def test_completion_and_usage_match_mistral_common(client, service):
+def test_completion_and_usage_match_mistral_common(client, service, tokenizer):
     response = ask(client, service, max_tokens=12, extra_body=IDS, **GREEDY)
     choice = response.choices[0]
     assert response.object == "chat.completion"
@@ -27,14 +29,7 @@ def test_completion_and_usage_match_mistral_common(client, service):
     assert choice.finish_reason == "length"
     # The prompt the service built is mistral_common's encoding of the same
     # conversation with the checkpoint's system prompt (dates filled in).
-    tokenizer = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
-    today = dt.date.today()
-    system_prompt = (
-        (service.checkpoint / "SYSTEM_PROMPT.txt")
-        .read_text()
-        .replace("{today}", today.isoformat())
-        .replace("{yesterday}", (today - dt.timedelta(days=1)).isoformat())
-    )
+    system_prompt = checkpoint_system_prompt(service.checkpoint)
     expected_prompt = tokenizer.encode_chat_completion(
         ChatCompletionRequest(
             messages=[SystemMessage(content=system_prompt), UserMessage(content="Tell me a story.")]
@@ -91,7 +86,7 @@ def test_stop_sequence_ends_the_completion_before_it(client, service):
 def test_seed_makes_sampling_reproducible(client, service):
     def sample(seed):
         return (
-            ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS)
+            ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS, undated=True)
             .choices[0]
             .model_extra["token_ids"]
         )
@@ -106,7 +101,7 @@ def test_sampling_defaults_come_from_generation_config(client, service):
 
     def sample(seed, **params):
         return (
-            ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, **params)
+            ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, undated=True, **params)
             .choices[0]
             .model_extra["token_ids"]
         )

@@ -3,17 +3,11 @@
 import httpx
 import openai
 import pytest
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from tests.integration.test_errors import assert_openai_error
 from tests.reference import checkpoint_system_prompt, mistral_common_encoding
 
 PROMPT = "The lighthouse keeper opened the door and"
-
-
-@pytest.fixture(scope="module")
-def tekken(service):
-    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
 
 
 def complete(client, service, **kwargs):
@@ -86,8 +80,7 @@ def test_bad_completion_requests(service, payload, param):
     assert_openai_error(response, 400, param, param)
 
 
-def test_tokenize_a_prompt_and_a_conversation(service, tekken):
-    tokenizer = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
+def test_tokenize_a_prompt_and_a_conversation(service, tokenizer, tekken):
     raw = httpx.post(f"{service.base_url}/tokenize", json={"prompt": PROMPT}, timeout=30).json()
     assert raw["tokens"] == tekken.encode(PROMPT, bos=True, eos=False)
     assert raw["count"] == len(raw["tokens"]) and raw["max_model_len"] == service.max_model_len

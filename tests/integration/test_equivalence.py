@@ -57,9 +57,8 @@ def test_greedy_tokens_equal_transformers(client, service, reference, name):
     assert service_ids == reference_ids
 
 
-def test_logprobs_equal_the_reference_log_softmax(client, service, reference):
+def test_logprobs_equal_the_reference_log_softmax(client, service, reference, tekken):
     from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     response = client.chat.completions.create(
         model=service.model,
@@ -72,7 +71,6 @@ def test_logprobs_equal_the_reference_log_softmax(client, service, reference):
     )
     prompt_ids = response.model_extra["prompt_token_ids"]
     generated = response.choices[0].model_extra["token_ids"]
-    tekken = MistralTokenizer.from_file(str(service.checkpoint / "tekken.json")).instruct_tokenizer.tokenizer
     for position, entry in enumerate(response.choices[0].logprobs.content):
         with torch.no_grad():
             logits = reference(input_ids=torch.tensor([prompt_ids + generated[:position]])).logits[0, -1]

@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 import torch
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from openai import AsyncOpenAI
 from ray import serve
 from transformers import Mistral3ForConditionalGeneration
@@ -35,11 +34,6 @@ def text_part(text: str) -> dict:
 @pytest.fixture(scope="module")
 def reference(service):
     return Mistral3ForConditionalGeneration.from_pretrained(service.checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(service):
-    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
 
 
 CONVERSATIONS = {

@@ -17,6 +17,7 @@ from serve.app import build_app
 from serve.config import AppConfig
 from serve.demo_checkpoint import write_demo_checkpoint
 from tests.integration.test_tools import WEATHER
+from tests.prompts import UNDATED_SYSTEM_MESSAGE
 from tests.reference import checkpoint_system_prompt
 
 APP = "reasoning"
@@ -44,14 +45,14 @@ def reasoning(service, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(reasoning):
+def reasoning_tokenizer(reasoning):
     _, checkpoint = reasoning
     return MistralTokenizer.from_file(str(checkpoint / "tekken.json"))
 
 
 @pytest.fixture(scope="module")
-def think_bias(tokenizer):
-    tekken = tokenizer.instruct_tokenizer.tokenizer
+def think_bias(reasoning_tokenizer):
+    tekken = reasoning_tokenizer.instruct_tokenizer.tokenizer
     return {str(tekken.get_special_token(token)): 100 for token in ("[THINK]", "[/THINK]")}
 
 
@@ -69,7 +70,7 @@ def thinking_request(think_bias, **kwargs):
     )
 
 
-def test_reasoning_comes_back_separately(reasoning, think_bias, tokenizer):
+def test_reasoning_comes_back_separately(reasoning, think_bias, reasoning_tokenizer):
     client, _ = reasoning
     response = client.chat.completions.create(**thinking_request(think_bias))
     message = response.choices[0].message
@@ -77,7 +78,7 @@ def test_reasoning_comes_back_separately(reasoning, think_bias, tokenizer):
     assert message.content
     assert "[THINK]" not in message.content and "[/THINK]" not in message.content
     token_ids = response.choices[0].model_extra["token_ids"]
-    tekken = tokenizer.instruct_tokenizer.tokenizer
+    tekken = reasoning_tokenizer.instruct_tokenizer.tokenizer
     end = token_ids.index(tekken.get_special_token("[/THINK]"))
     assert token_ids[0] == tekken.get_special_token("[THINK]")
     # vLLM's parser drops the whitespace that ends a trace.
@@ -98,7 +99,7 @@ def test_streamed_reasoning_equals_the_whole(reasoning, think_bias):
 
 
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
-def test_a_second_turn_keeps_the_trace_in_the_prompt(reasoning, think_bias, tokenizer, field):
+def test_a_second_turn_keeps_the_trace_in_the_prompt(reasoning, think_bias, reasoning_tokenizer, field):
     client, checkpoint = reasoning
     first = client.chat.completions.create(**thinking_request(think_bias, temperature=0)).choices[0].message
     trace, answer = first.model_extra["reasoning_content"], first.content
@@ -112,7 +113,7 @@ def test_a_second_turn_keeps_the_trace_in_the_prompt(reasoning, think_bias, toke
         max_tokens=2,
         extra_body={"return_token_ids": True},
     )
-    expected = tokenizer.encode_chat_completion(
+    expected = reasoning_tokenizer.encode_chat_completion(
         MistralRequest(
             messages=[
                 SystemMessage(content=checkpoint_system_prompt(checkpoint)),
@@ -131,7 +132,7 @@ def test_reasoning_checkpoints_default_to_temperature_0_7(reasoning):
     def sample(seed, **params):
         response = client.chat.completions.create(
             model="demo-reasoning",
-            messages=QUESTION,
+            messages=[UNDATED_SYSTEM_MESSAGE, *QUESTION],
             max_tokens=10,
             seed=seed,
             extra_body={"return_token_ids": True},

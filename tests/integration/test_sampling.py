@@ -5,14 +5,9 @@ import math
 import pytest
 
 from tests.integration.test_errors import USER
+from tests.prompts import UNDATED_SYSTEM_MESSAGE
 
-# A system message of its own: the default one carries today's date, and on
-# some dates (2026-12-01) the demo model's random weights give the same tokens
-# for every seed.
-PROMPT = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Write a few words about rivers."},
-]
+PROMPT = [UNDATED_SYSTEM_MESSAGE, {"role": "user", "content": "Write a few words about rivers."}]
 
 
 def ask(client, service, **kwargs):

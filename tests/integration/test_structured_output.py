@@ -7,6 +7,8 @@ import partial_json_parser
 import pytest
 from partial_json_parser import Allow
 
+from tests.prompts import UNDATED_SYSTEM_MESSAGE
+
 # Enums, booleans, bounded strings and arrays, no extra keys: a finite
 # language, so a correct constrained decoder always finishes it.
 FINITE = {
@@ -26,12 +28,7 @@ OPEN_ENDED = {
     "properties": {"title": {"type": "string"}, "items": {"type": "array", "items": {"type": "string"}}},
     "required": ["title", "items"],
 }
-# A system message of its own: the default one carries today's date, and on
-# some dates the demo model's random weights give one answer for every seed.
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Answer in JSON."},
-]
+MESSAGES = [UNDATED_SYSTEM_MESSAGE, {"role": "user", "content": "Answer in JSON."}]
 
 
 def json_schema_format(schema, name="reply"):

@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from openai import AsyncOpenAI
 
 from tests.integration.test_errors import USER, assert_openai_error, post
@@ -54,13 +53,8 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris, and what 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(service) -> MistralTokenizer:
-    return MistralTokenizer.from_file(str(service.checkpoint / "tekken.json"))
-
-
-@pytest.fixture(scope="module")
-def tool_calls_token(tokenizer) -> int:
-    return tokenizer.instruct_tokenizer.tokenizer.get_special_token("[TOOL_CALLS]")
+def tool_calls_token(tekken) -> int:
+    return tekken.get_special_token("[TOOL_CALLS]")
 
 
 def choice_arguments(choice: str, tool_calls_token: int) -> dict:
@@ -286,8 +280,7 @@ def split_character_tokens(tekken, character: str) -> tuple[int, int]:
     return lead, trail
 
 
-def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service, tokenizer):
-    tekken = tokenizer.instruct_tokenizer.tokenizer
+def test_a_character_split_across_tokens_reaches_the_arguments_whole(client, service, tekken):
     # 靧 is three bytes in UTF-8; tekken has a token for its first two.
     lead, trail = split_character_tokens(tekken, "靧")
     response = client.chat.completions.create(
