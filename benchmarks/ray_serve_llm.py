@@ -17,8 +17,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.stacks import engine_cpu_environment
-from deployments.checkpoint import open_checkpoint, write_language_model_view
 from deployments.engine_settings import engine_parallelism, usable_cores
+from deployments.language_model import write_language_model_view
+from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     application = yaml.safe_load(args.config.read_text())["applications"][0]
     config = AppConfig.model_validate(application.get("args") or {})
     on_gpu = torch.cuda.is_available()
-    model_dir = write_language_model_view(open_checkpoint(config.model))
+    model_dir = write_language_model_view(open_checkpoint(config.model, weights=True))
     engine_environment = {} if on_gpu else engine_cpu_environment(config.engine)
     # As for our service (serve/cli.py): Ray's default nice 15 for workers would starve the engine.
     os.environ.setdefault("RAY_worker_niceness", "0")

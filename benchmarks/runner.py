@@ -30,7 +30,8 @@ from benchmarks.workloads import (
     WorkloadShape,
     build_workload,
 )
-from deployments.checkpoint import Checkpoint, cache_root, open_checkpoint, write_language_model_view
+from deployments.language_model import write_language_model_view
+from serve.checkpoint import Checkpoint, cache_root, open_checkpoint
 from serve.config import AppConfig
 
 # Peer stacks the benchmark can add to the text workload.
@@ -99,7 +100,7 @@ def run(settings: BenchSettings) -> dict:
     if out.exists():
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True)
-    checkpoint = open_checkpoint(settings.config.model)
+    checkpoint = open_checkpoint(settings.config.model, weights=True)
     shape = settings.shape or (GPU_SHAPE if on_gpu() else CPU_DEMO_SHAPE)
     results = {
         "name": settings.name,

@@ -18,7 +18,6 @@ from dataclasses import replace
 
 from ray import serve
 
-from deployments.checkpoint import open_checkpoint, reasoning_enabled, write_language_model_view
 from deployments.engine_settings import (
     GREEDY_TEMPERATURE,
     cpu_environment,
@@ -28,7 +27,12 @@ from deployments.engine_settings import (
     system_fingerprint,
     usable_cores,
 )
-from deployments.messages import (
+from deployments.language_model import write_language_model_view
+from deployments.output_parsing import ChoiceParser, position_logprobs
+from deployments.stream_pacing import chunk_interval_s, paced
+from serve.checkpoint import open_checkpoint, reasoning_enabled
+from serve.config import AppConfig
+from serve.messages import (
     ChoiceDelta,
     DecodeChunk,
     DecodeRequest,
@@ -36,9 +40,6 @@ from deployments.messages import (
     ImageTokenEmbeddings,
     SamplingSettings,
 )
-from deployments.output_parsing import ChoiceParser, position_logprobs
-from deployments.stream_pacing import chunk_interval_s, paced
-from serve.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class DecoderEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        checkpoint = open_checkpoint(config.model)
+        checkpoint = open_checkpoint(config.model, weights=True)
         self.image_token_id = checkpoint.special_token_id("[IMG]")
         view_dir = write_language_model_view(checkpoint)
         on_gpu = not current_platform.is_cpu()

@@ -22,10 +22,10 @@ import torch
 from ray import serve
 from safetensors import safe_open
 
-from deployments.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from deployments.gauges import LiveGauge
-from deployments.messages import ImageForEncoder, ImageTokenEmbeddings
+from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
+from serve.messages import ImageForEncoder, ImageTokenEmbeddings
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class EncoderMetrics:
 @serve.deployment(name="Encoder")
 class Encoder:
     def __init__(self, config: AppConfig):
-        checkpoint = open_checkpoint(config.model)
+        checkpoint = open_checkpoint(config.model, weights=True)
         gpu_share = config.deployments.encoder.num_gpus
         device = "cuda" if torch.cuda.is_available() and gpu_share > 0 else "cpu"
         if device == "cuda" and gpu_share < 1:

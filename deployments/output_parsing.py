@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
-from deployments.messages import OutputParsing, PositionLogprobs, TokenLogprob, ToolCallDelta
+from serve.messages import OutputParsing, PositionLogprobs, TokenLogprob, ToolCallDelta
 
 
 def _cache_special_token_lexer() -> None:

@@ -1,7 +1,7 @@
 """Preprocess stage: conversations with images -> prompt tokens + pixel arrays for the encoder.
 
 Text-only conversations are templated inside the ingress process
-(`deployments.chat_template`): a separate deployment would add a network hop
+(`serve.chat_template`): a separate deployment would add a network hop
 and a serialisation to every request for microseconds of work. Conversations
 with images come here: `ImageLoader` fetches and decodes the images, the chat
 template (mistral_common) lays out the image tokens and normalises the
@@ -19,12 +19,12 @@ import numpy as np
 from PIL import Image
 from ray import serve
 
-from deployments.chat_template import ChatTemplate, PartPosition, image_positions
-from deployments.checkpoint import open_checkpoint
 from deployments.image_loading import ImageError, load_image
-from deployments.messages import ImageForEncoder, PreprocessedRequest
+from serve.chat_template import ChatTemplate, PartPosition, image_positions
+from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig, ImagesConfig
 from serve.errors import BadRequest
+from serve.messages import ImageForEncoder, PreprocessedRequest
 from serve.protocol.chat import ChatMessage, ToolDefinition
 
 
@@ -79,9 +79,7 @@ class Preprocess:
     """Image requests: fetch, decode, template; pixel arrays go to the object store."""
 
     def __init__(self, config: AppConfig):
-        self._template = ChatTemplate(
-            open_checkpoint(config.model), use_default_system_prompt=config.use_default_system_prompt
-        )
+        self._template = ChatTemplate.from_config(open_checkpoint(config.model, weights=False), config)
         self._loader = ImageLoader(config.images)
         self._metrics = PreprocessMetrics()
 

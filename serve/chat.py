@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from deployments.messages import ChoiceDelta, DecodeChunk, DecodeRequest, PositionLogprobs
+from serve.messages import ChoiceDelta, DecodeChunk, DecodeRequest, PositionLogprobs
 from serve.protocol.chat import (
     AssistantMessage,
     ChatCompletionChoice,

@@ -6,8 +6,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from deployments.messages import DecodeChunk, DecodeRequest, PositionLogprobs
 from serve.chat import sse
+from serve.messages import DecodeChunk, DecodeRequest, PositionLogprobs
 from serve.protocol.common import Usage
 from serve.protocol.completions import (
     CompletionChoice,

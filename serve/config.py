@@ -7,6 +7,7 @@ are errors, so a typo fails at deploy time instead of being ignored.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
@@ -348,6 +349,14 @@ class AppConfig(_Strict):
         description=(
             "Prepend the checkpoint's SYSTEM_PROMPT.txt (dates filled in) when a "
             "conversation has no system message."
+        ),
+    )
+    system_prompt_date: dt.date | None = Field(
+        default=None,
+        description=(
+            "The date the default system prompt gives as today (yesterday is the day before). "
+            "null: the replica's date when the request arrives. Pin it where a prompt must not "
+            "change from one day to the next (tests, reproducible evaluations)."
         ),
     )
 

@@ -1,7 +1,7 @@
 """Ingress: the OpenAI-compatible HTTP API in front of the stages.
 
 A chat request goes: validate (serve.protocol) -> grammar for tools / JSON
-(serve.grammar) -> chat template (deployments.chat_template, in this process
+(serve.grammar) -> chat template (serve.chat_template, in this process
 for text; the Preprocess deployment for images, then the Encoder) -> Decoder
 (vLLM), whose typed chunks become one JSON body or server-sent events
 (serve.chat). Completions skip the template (serve.completions).
@@ -23,20 +23,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.chat_template import ChatTemplate, image_positions
-from deployments.checkpoint import open_checkpoint, reasoning_enabled
-from deployments.messages import (
+from serve.chat import ChatOutput, sse
+from serve.chat_template import ChatTemplate, image_positions
+from serve.checkpoint import open_checkpoint, reasoning_enabled
+from serve.completions import CompletionOutput
+from serve.config import AppConfig
+from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
+from serve.grammar import GrammarBuilder
+from serve.messages import (
     DecodeRequest,
     EngineInfo,
     OutputParsing,
     PreprocessedRequest,
     ToolSpec,
 )
-from serve.chat import ChatOutput, sse
-from serve.completions import CompletionOutput
-from serve.config import AppConfig
-from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
-from serve.grammar import GrammarBuilder
 from serve.protocol.chat import ChatCompletionRequest, ChatMessage, ToolDefinition, new_chat_completion_id
 from serve.protocol.common import (
     FieldError,
@@ -185,8 +185,8 @@ class Ingress:
         # Absent when images are disabled (images.max_images_per_request: 0).
         self._preprocess = preprocess
         self._encoder = encoder
-        checkpoint = open_checkpoint(config.model)
-        self._template = ChatTemplate(checkpoint, use_default_system_prompt=config.use_default_system_prompt)
+        checkpoint = open_checkpoint(config.model, weights=False)
+        self._template = ChatTemplate.from_config(checkpoint, config)
         self._reasoning = reasoning_enabled(config.model, checkpoint)
         self._grammar = GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning)
         self._model_name = config.model.name

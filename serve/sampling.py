@@ -7,8 +7,8 @@ context, or names a token that does not exist, is a 400, never truncated.
 
 from __future__ import annotations
 
-from deployments.messages import EngineInfo, SamplingSettings
 from serve.errors import BadRequest
+from serve.messages import EngineInfo, SamplingSettings
 from serve.protocol.common import SamplingFields
 
 

@@ -9,10 +9,10 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from deployments.chat_template import ChatTemplate
-from deployments.checkpoint import Checkpoint
 from deployments.preprocess import ImageLoader, content_hash
-from serve.config import ImagesConfig
+from serve.chat_template import ChatTemplate
+from serve.checkpoint import Checkpoint
+from serve.config import AppConfig, ImagesConfig
 from serve.errors import BadRequest
 from serve.protocol.chat import ChatMessage
 from tests.image_server import data_url, image_bytes
@@ -68,6 +68,17 @@ def test_client_system_message_replaces_the_default(preprocessor, reference_toke
             UserMessage(content="Again"),
         ],
     )
+
+
+def test_the_configured_date_pins_the_default_prompt_and_none_follows_the_clock(demo_checkpoint):
+    checkpoint = Checkpoint.open(demo_checkpoint)
+    pinned = ChatTemplate.from_config(checkpoint, AppConfig(system_prompt_date="2026-03-01"))
+    assert "2026-03-01" in pinned.default_system_prompt()
+    assert "2026-02-28" in pinned.default_system_prompt()
+    before = dt.date.today()
+    current = ChatTemplate.from_config(checkpoint, AppConfig()).default_system_prompt()
+    after = dt.date.today()
+    assert current in {checkpoint.system_prompt(before), checkpoint.system_prompt(after)}
 
 
 def test_no_default_system_prompt_when_disabled(demo_checkpoint, reference_tokenizer):

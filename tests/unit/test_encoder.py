@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import Mistral3ForConditionalGeneration
 
-from deployments.checkpoint import Checkpoint
 from deployments.decoder import engine_prompt
 from deployments.encoder import EmbeddingCache, VisionEncoder
-from deployments.messages import ImageTokenEmbeddings
+from serve.checkpoint import Checkpoint
+from serve.messages import ImageTokenEmbeddings
 
 
 def pixels(height: int, width: int, seed: int) -> np.ndarray:

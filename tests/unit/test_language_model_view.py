@@ -6,14 +6,13 @@ import pytest
 from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-from deployments.checkpoint import (
+from deployments.language_model import (
     LANGUAGE_MODEL_ARCHITECTURE,
-    Checkpoint,
-    CheckpointError,
     language_model_config,
+    weights_mapper,
     write_language_model_view,
 )
-from deployments.language_model import weights_mapper
+from serve.checkpoint import Checkpoint, CheckpointError
 from serve.demo_checkpoint import build_config
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from deployments.messages import EngineInfo
 from serve.errors import BadRequest, RequestTooLarge
 from serve.ingress import parse_body
+from serve.messages import EngineInfo
 from serve.sampling import completion_budget
 
 LIMIT = 1 << 20

@@ -30,7 +30,8 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
-from deployments.checkpoint import Checkpoint
+from serve.checkpoint import Checkpoint
+from serve.config import AppConfig
 from serve.errors import BadRequest
 from serve.protocol.chat import ChatMessage, ImageContentPart, TextContentPart, ToolDefinition
 
@@ -70,6 +71,16 @@ class ChatTemplate:
         self.tokenizer = MistralTokenizer.from_file(str(checkpoint.tokenizer_file), mode=ValidationMode.test)
         self._use_default_system_prompt = use_default_system_prompt
         self._today = today
+
+    @classmethod
+    def from_config(cls, checkpoint: Checkpoint, config: AppConfig) -> ChatTemplate:
+        """The template a replica uses: the default system prompt and its date as configured."""
+        pinned = config.system_prompt_date
+        return cls(
+            checkpoint,
+            use_default_system_prompt=config.use_default_system_prompt,
+            today=dt.date.today if pinned is None else lambda: pinned,
+        )
 
     @property
     def image_token_id(self) -> int:

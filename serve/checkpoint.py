@@ -1,20 +1,16 @@
-"""Where a Ministral 3 checkpoint lives, and the language-model view vLLM loads.
+"""Where a Ministral 3 checkpoint lives, and the files of it the service reads.
 
 A published Ministral 3 checkpoint is one `Mistral3ForConditionalGeneration`
-(vision tower + projector + language model) in Hugging Face layout. The
-decoder stage runs only the language model in vLLM, so it hands vLLM a *view*
-of the checkpoint: a directory whose `config.json` is the text config (with
-the checkpoint's quantization settings kept) and whose weight files are
-symlinks to the original shards. No weight is copied or converted; the
-registered model class (`deployments.language_model`) maps the multimodal
-weight names onto the text model and skips the vision weights.
+(vision tower + projector + language model) in Hugging Face layout, plus
+Mistral's tokenizer (`tekken.json`) and default system prompt. Every stage
+opens it through `open_checkpoint`; each fetches only what it reads: the
+ingress and preprocess replicas template prompts and never touch weights.
+The decoder's language-model view of it is `deployments.language_model`'s.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,18 +20,11 @@ from filelock import FileLock
 
 from serve.config import ModelConfig
 
-# Registered with vLLM by `deployments.language_model.register` (a vLLM plugin).
-LANGUAGE_MODEL_ARCHITECTURE = "MinistralServeLanguageModel"
-
-# Files a published checkpoint repository holds that the service reads.
-CHECKPOINT_FILE_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "tekken.json",
-    "SYSTEM_PROMPT.txt",
-    "model*.safetensors",
-    "model.safetensors.index.json",
-]
+# What a stage that templates prompts reads of a checkpoint repository
+# (Hugging Face `allow_patterns`): a few hundred kilobytes, not gigabytes.
+PROMPT_FILES = ("config.json", "tekken.json", "SYSTEM_PROMPT.txt")
+# What the stages that run weights read besides (the encoder its vision half, the decoder the rest).
+WEIGHT_FILES = ("generation_config.json", "model*.safetensors", "model.safetensors.index.json")
 
 DEMO_SOURCE = "demo"
 
@@ -48,12 +37,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINISTRAL_SERVE_CACHE", Path.home() / ".cache" / "ministral-serve"))
 
 
-def resolve_checkpoint(source: str, *, demo_seed: int = 0, demo_variant: str = "instruct") -> Path:
+def resolve_checkpoint(
+    source: str, *, weights: bool, demo_seed: int = 0, demo_variant: str = "instruct"
+) -> Path:
     """A local directory holding the checkpoint named by `source`.
 
     `source` is a local directory, a Hugging Face repository id (downloaded
-    once into the HF cache), or `demo` for the generated demo checkpoint.
-    Safe to call from several processes at once.
+    into the HF cache: the prompt files, plus the weights when `weights`),
+    or `demo` for the generated demo checkpoint. Safe to call from several
+    processes at once.
     """
     if source == DEMO_SOURCE:
         from serve.demo_checkpoint import write_demo_checkpoint
@@ -74,7 +66,8 @@ def resolve_checkpoint(source: str, *, demo_seed: int = 0, demo_variant: str = "
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILE_PATTERNS))
+    patterns = [*PROMPT_FILES, *WEIGHT_FILES] if weights else list(PROMPT_FILES)
+    return Path(snapshot_download(source, allow_patterns=patterns))
 
 
 def reasoning_enabled(model: ModelConfig, checkpoint: Checkpoint) -> bool:
@@ -84,10 +77,16 @@ def reasoning_enabled(model: ModelConfig, checkpoint: Checkpoint) -> bool:
     return model.names_a_reasoning_checkpoint and checkpoint.has_think_tokens
 
 
-def open_checkpoint(model: ModelConfig) -> Checkpoint:
-    """The checkpoint named by the `model` section of the config, fetched or generated if needed."""
+def open_checkpoint(model: ModelConfig, *, weights: bool) -> Checkpoint:
+    """The checkpoint named by the `model` section of the config, fetched or generated if needed.
+
+    `weights`: whether the caller reads the weights (encoder, decoder) or
+    only the prompt files (ingress, preprocess).
+    """
     return Checkpoint.open(
-        resolve_checkpoint(model.source, demo_seed=model.demo_seed, demo_variant=model.demo_variant)
+        resolve_checkpoint(
+            model.source, weights=weights, demo_seed=model.demo_seed, demo_variant=model.demo_variant
+        )
     )
 
 
@@ -186,63 +185,3 @@ def resolve_dtype(name: str, checkpoint: Checkpoint):
     import torch
 
     return getattr(torch, checkpoint.dtype if name == "auto" else name)
-
-
-def language_model_config(checkpoint_config: dict) -> dict:
-    """The `config.json` of the language-model view of a Ministral 3 checkpoint.
-
-    The text config becomes the top-level config, under our registered
-    architecture. The checkpoint's `quantization_config` is kept as it is:
-    its module names (`lm_head`, `model.vision_tower`, ...) are mapped onto
-    the text model by the model class's weight mapper, exactly as vLLM does
-    for the multimodal model.
-    """
-    text = copy.deepcopy(checkpoint_config["text_config"])
-    text["architectures"] = [LANGUAGE_MODEL_ARCHITECTURE]
-    text.setdefault("model_type", "ministral3")
-    text["torch_dtype"] = checkpoint_dtype(checkpoint_config)
-    if "quantization_config" in checkpoint_config:
-        text["quantization_config"] = copy.deepcopy(checkpoint_config["quantization_config"])
-    # vLLM's Mistral attention applies Llama-4 query scaling only when the
-    # config carries `llama_4_scaling` (the key of Mistral's params.json);
-    # transformers' Ministral 3 reads it from `rope_parameters`. Without this
-    # vLLM would silently diverge from the model beyond the original context.
-    rope = text.get("rope_parameters") or {}
-    if rope.get("llama_4_scaling_beta") is not None:
-        text["llama_4_scaling"] = {
-            "beta": rope["llama_4_scaling_beta"],
-            "original_max_position_embeddings": rope["original_max_position_embeddings"],
-        }
-    return text
-
-
-def write_language_model_view(checkpoint: Checkpoint) -> Path:
-    """Write (once) the language-model view of `checkpoint` and return its directory."""
-    view_config = language_model_config(checkpoint.config)
-    weight_files = checkpoint.weight_files()
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"config": view_config, "weights": [str(p.resolve()) for p in weight_files]},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
-    view_dir = cache_root() / "language-model-views" / fingerprint
-    view_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(view_dir) + ".lock"):
-        if (view_dir / "config.json").exists():
-            return view_dir
-        view_dir.mkdir(exist_ok=True)
-        for source in [
-            *weight_files,
-            checkpoint.path / "model.safetensors.index.json",
-            checkpoint.path / "generation_config.json",
-            checkpoint.tokenizer_file,
-        ]:
-            if source.exists():
-                link = view_dir / source.name
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(source.resolve())
-        # config.json last: its presence marks a complete view.
-        (view_dir / "config.json").write_text(json.dumps(view_config, indent=2) + "\n")
-    return view_dir
