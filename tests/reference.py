@@ -12,9 +12,8 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 
-def checkpoint_system_prompt(checkpoint: Path, today: dt.date | None = None) -> str:
+def checkpoint_system_prompt(checkpoint: Path, today: dt.date) -> str:
     """SYSTEM_PROMPT.txt with its dates filled, as the model card says to use it."""
-    today = today or dt.date.today()
     return (
         (checkpoint / "SYSTEM_PROMPT.txt")
         .read_text()

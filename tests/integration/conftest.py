@@ -1,8 +1,8 @@
-"""One running application (real Ray Serve + vLLM on CPU) shared by the integration tests."""
+"""The suite's own Ray instance, and one running application (real Ray Serve + vLLM on CPU) on it,
+shared by the integration tests."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +10,11 @@ import pytest
 
 from serve.config import AppConfig
 from tests.ports import free_port
+from tests.prompts import SYSTEM_PROMPT_DATE
+from tests.ray_instance import start_own_ray
+from tests.reference import checkpoint_system_prompt
 
 APP_NAME = "ministral"
-LOGICAL_GPUS = 4
 # About five 100x60 px images' worth of image-token embeddings (12 tokens x 256 x 4 bytes each).
 ENCODER_CACHE_BYTES = 5 * 12 * 256 * 4
 
@@ -33,10 +35,37 @@ class Service:
     def max_model_len(self) -> int:
         return self.config.engine.max_model_len
 
+    @property
+    def default_system_prompt(self) -> str:
+        """The checkpoint's system prompt as the service fills it (on its pinned date)."""
+        return checkpoint_system_prompt(self.checkpoint, self.config.system_prompt_date)
+
+
+@dataclass(frozen=True)
+class SuiteCluster:
+    """The suite's own Ray instance, with Serve's HTTP proxy on 127.0.0.1."""
+
+    base_url: str
+    metrics_url: str
+
 
 @pytest.fixture(scope="session")
-def service(demo_checkpoint) -> Service:
+def ray_cluster() -> SuiteCluster:
     import ray
+    from ray import serve
+
+    port, metrics_port = free_port(), free_port()
+    start_own_ray(metrics_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield SuiteCluster(
+        base_url=f"http://127.0.0.1:{port}", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
+    )
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, demo_checkpoint) -> Service:
     from ray import serve
 
     from serve.app import build_app
@@ -63,6 +92,7 @@ def service(demo_checkpoint) -> Service:
                 "fetch_timeout_s": 3.0,
                 "max_redirects": 2,
             },
+            "system_prompt_date": SYSTEM_PROMPT_DATE.isoformat(),
             "deployments": {
                 "ingress": {"num_cpus": 0},
                 "preprocess": {"num_replicas": 2, "num_cpus": 0},
@@ -71,29 +101,15 @@ def service(demo_checkpoint) -> Service:
             },
         }
     )
-    port, metrics_port = free_port(), free_port()
-    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
-    # Metrics reach the export endpoint within a second instead of ten.
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
-    # Four logical GPUs: the layout tests place GPU bundles on this CPU machine.
-    ray.init(
-        num_cpus=2,
-        num_gpus=LOGICAL_GPUS,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        runtime_env={"env_vars": {"MINISTRAL_SERVE_CACHE": os.environ["MINISTRAL_SERVE_CACHE"]}},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     yield Service(
-        base_url=f"http://127.0.0.1:{port}",
-        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        base_url=ray_cluster.base_url,
+        metrics_url=ray_cluster.metrics_url,
         model="demo",
         checkpoint=demo_checkpoint,
         config=config,
     )
-    serve.shutdown()
-    ray.shutdown()
+    serve.delete(APP_NAME)
 
 
 @pytest.fixture(scope="session")

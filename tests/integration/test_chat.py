@@ -7,17 +7,13 @@ import pytest
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from tests.prompts import UNDATED_SYSTEM_MESSAGE
-from tests.reference import checkpoint_system_prompt
-
 GREEDY = {"temperature": 0}
 IDS = {"return_token_ids": True}
 
 
-def ask(client, service, content="Tell me a story.", *, undated=False, **kwargs):
-    system = [UNDATED_SYSTEM_MESSAGE] if undated else []
+def ask(client, service, content="Tell me a story.", **kwargs):
     return client.chat.completions.create(
-        model=service.model, messages=[*system, {"role": "user", "content": content}], **kwargs
+        model=service.model, messages=[{"role": "user", "content": content}], **kwargs
     )
 
 
@@ -29,7 +25,7 @@ def test_completion_and_usage_match_mistral_common(client, service, tokenizer):
     assert choice.finish_reason == "length"
     # The prompt the service built is mistral_common's encoding of the same
     # conversation with the checkpoint's system prompt (dates filled in).
-    system_prompt = checkpoint_system_prompt(service.checkpoint)
+    system_prompt = service.default_system_prompt
     expected_prompt = tokenizer.encode_chat_completion(
         ChatCompletionRequest(
             messages=[SystemMessage(content=system_prompt), UserMessage(content="Tell me a story.")]
@@ -73,11 +69,11 @@ def test_token_limit_is_respected(client, service, field):
 
 
 def test_stop_sequence_ends_the_completion_before_it(client, service):
-    full = ask(client, service, max_tokens=30, undated=True, **GREEDY).choices[0].message.content
+    full = ask(client, service, max_tokens=30, **GREEDY).choices[0].message.content
     # A stop string taken from the middle of the greedy completion.
     stop = full[len(full) // 2 :][:3]
     assert stop.strip(), f"completion too uniform to cut: {full!r}"
-    cut = ask(client, service, max_tokens=30, stop=[stop], undated=True, **GREEDY)
+    cut = ask(client, service, max_tokens=30, stop=[stop], **GREEDY)
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.usage.completion_tokens < 30
@@ -86,7 +82,7 @@ def test_stop_sequence_ends_the_completion_before_it(client, service):
 def test_seed_makes_sampling_reproducible(client, service):
     def sample(seed):
         return (
-            ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS, undated=True)
+            ask(client, service, max_tokens=20, temperature=1.5, seed=seed, extra_body=IDS)
             .choices[0]
             .model_extra["token_ids"]
         )
@@ -101,7 +97,7 @@ def test_sampling_defaults_come_from_generation_config(client, service):
 
     def sample(seed, **params):
         return (
-            ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, undated=True, **params)
+            ask(client, service, max_tokens=20, seed=seed, extra_body=IDS, **params)
             .choices[0]
             .model_extra["token_ids"]
         )

@@ -5,7 +5,7 @@ import openai
 import pytest
 
 from tests.integration.test_errors import assert_openai_error
-from tests.reference import checkpoint_system_prompt, mistral_common_encoding
+from tests.reference import mistral_common_encoding
 
 PROMPT = "The lighthouse keeper opened the door and"
 
@@ -88,9 +88,7 @@ def test_tokenize_a_prompt_and_a_conversation(service, tokenizer, tekken):
     chat = httpx.post(
         f"{service.base_url}/tokenize", json={"messages": messages, "return_token_strs": True}, timeout=30
     ).json()
-    expected = mistral_common_encoding(
-        tokenizer, messages, checkpoint_system_prompt(service.checkpoint)
-    ).tokens
+    expected = mistral_common_encoding(tokenizer, messages, service.default_system_prompt).tokens
     assert chat["tokens"] == expected
     assert len(chat["token_strs"]) == len(expected)
 

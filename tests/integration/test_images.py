@@ -12,7 +12,7 @@ from transformers import Mistral3ForConditionalGeneration
 from tests.image_server import data_url, image_bytes
 from tests.integration.conftest import APP_NAME, ENCODER_CACHE_BYTES
 from tests.integration.scrape import by_label, settled, total
-from tests.reference import checkpoint_system_prompt, greedy_reference, mistral_common_encoding
+from tests.reference import greedy_reference, mistral_common_encoding
 
 MAX_NEW_TOKENS = 16
 REQUESTS = "ray_serve_deployment_request_counter_total"
@@ -67,7 +67,7 @@ def test_greedy_output_equals_the_monolithic_model(client, service, reference, t
         extra_body={"return_token_ids": True},
     )
     # The prompt is mistral_common's encoding of the same request...
-    expected = mistral_common_encoding(tokenizer, messages, checkpoint_system_prompt(service.checkpoint))
+    expected = mistral_common_encoding(tokenizer, messages, service.default_system_prompt)
     prompt_ids = response.model_extra["prompt_token_ids"]
     assert prompt_ids == expected.tokens
     # ...and the completion is transformers' Mistral3ForConditionalGeneration's on

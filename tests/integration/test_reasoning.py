@@ -17,7 +17,7 @@ from serve.app import build_app
 from serve.config import AppConfig
 from serve.demo_checkpoint import write_demo_checkpoint
 from tests.integration.test_tools import WEATHER
-from tests.prompts import UNDATED_SYSTEM_MESSAGE
+from tests.prompts import SYSTEM_PROMPT_DATE
 from tests.reference import checkpoint_system_prompt
 
 APP = "reasoning"
@@ -35,6 +35,7 @@ def reasoning(service, tmp_path_factory):
             "model": {"source": str(checkpoint), "served_name": "demo-reasoning"},
             "engine": {"dtype": "float32", "max_model_len": 1024, "cpu_kv_cache_space_gib": 1},
             "images": {"max_images_per_request": 0},
+            "system_prompt_date": SYSTEM_PROMPT_DATE.isoformat(),
             "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_cpus": 1}},
         }
     )
@@ -116,7 +117,7 @@ def test_a_second_turn_keeps_the_trace_in_the_prompt(reasoning, think_bias, reas
     expected = reasoning_tokenizer.encode_chat_completion(
         MistralRequest(
             messages=[
-                SystemMessage(content=checkpoint_system_prompt(checkpoint)),
+                SystemMessage(content=checkpoint_system_prompt(checkpoint, SYSTEM_PROMPT_DATE)),
                 UserMessage(content=QUESTION[0]["content"]),
                 AssistantMessage(content=[ThinkChunk(thinking=trace), TextChunk(text=answer)]),
                 UserMessage(content="Are you sure?"),
@@ -132,7 +133,7 @@ def test_reasoning_checkpoints_default_to_temperature_0_7(reasoning):
     def sample(seed, **params):
         response = client.chat.completions.create(
             model="demo-reasoning",
-            messages=[UNDATED_SYSTEM_MESSAGE, *QUESTION],
+            messages=QUESTION,
             max_tokens=10,
             seed=seed,
             extra_body={"return_token_ids": True},

@@ -5,9 +5,8 @@ import math
 import pytest
 
 from tests.integration.test_errors import USER
-from tests.prompts import UNDATED_SYSTEM_MESSAGE
 
-PROMPT = [UNDATED_SYSTEM_MESSAGE, {"role": "user", "content": "Write a few words about rivers."}]
+PROMPT = [{"role": "user", "content": "Write a few words about rivers."}]
 
 
 def ask(client, service, **kwargs):

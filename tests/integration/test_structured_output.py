@@ -7,8 +7,6 @@ import partial_json_parser
 import pytest
 from partial_json_parser import Allow
 
-from tests.prompts import UNDATED_SYSTEM_MESSAGE
-
 # Enums, booleans, bounded strings and arrays, no extra keys: a finite
 # language, so a correct constrained decoder always finishes it.
 FINITE = {
@@ -28,7 +26,7 @@ OPEN_ENDED = {
     "properties": {"title": {"type": "string"}, "items": {"type": "array", "items": {"type": "string"}}},
     "required": ["title", "items"],
 }
-MESSAGES = [UNDATED_SYSTEM_MESSAGE, {"role": "user", "content": "Answer in JSON."}]
+MESSAGES = [{"role": "user", "content": "Answer in JSON."}]
 
 
 def json_schema_format(schema, name="reply"):

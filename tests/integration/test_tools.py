@@ -16,7 +16,6 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from openai import AsyncOpenAI
 
 from tests.integration.test_errors import USER, assert_openai_error, post
-from tests.reference import checkpoint_system_prompt
 
 # Finite argument languages: every constrained call ends well within max_tokens.
 WEATHER = {
@@ -139,7 +138,7 @@ def test_round_trip(client, service, tokenizer, tool_calls_token, choice, stream
     # The follow-up prompt is mistral_common's own encoding of that conversation.
     expected = tokenizer.encode_chat_completion(
         MistralRequest.from_openai(
-            [{"role": "system", "content": checkpoint_system_prompt(service.checkpoint)}, *history],
+            [{"role": "system", "content": service.default_system_prompt}, *history],
             tools=TOOLS,
         )
     ).tokens
