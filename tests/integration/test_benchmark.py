@@ -49,6 +49,8 @@ def bench(demo_checkpoint, tmp_path_factory):
             "model": {"source": str(demo_checkpoint)},
             "engine": {"max_model_len": 1024, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 8},
             "use_default_system_prompt": False,
+            # Text only here: the image stages would only add two replicas to start.
+            "images": {"max_images_per_request": 0},
         }
     )
     settings = BenchSettings(

@@ -102,7 +102,9 @@ def test_sampling_defaults_come_from_generation_config(client, service):
             .model_extra["token_ids"]
         )
 
-    seeds = (1, 2, 3)
+    # Enough seeds that some draw lands where the two temperatures part: on
+    # some prompts the random demo weights put most of the mass on one token.
+    seeds = range(1, 9)
     with_defaults = [sample(seed) for seed in seeds]
     # Same seed and the checkpoint's values sent explicitly: the same tokens.
     assert with_defaults == [sample(seed, **explicit) for seed in seeds]

@@ -15,8 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-from tests.ports import free_port
-
 PRESETS = ["2gpu-tp", "2gpu-pp", "4gpu-tp2pp2", "4gpu-pp", "4gpu-encoder-pp3"]
 
 
@@ -38,7 +36,8 @@ def main(checkpoint: Path) -> None:
     cluster.add_node(num_cpus=2, num_gpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    # Nothing here is called over HTTP: no proxy processes on either node.
+    serve.start(proxy_location="Disabled")
     report: dict = {"nodes": sorted(node["NodeID"] for node in ray.nodes() if node["Alive"]), "presets": {}}
 
     try:
