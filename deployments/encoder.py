@@ -22,10 +22,19 @@ import torch
 from ray import serve
 from safetensors import safe_open
 
-from deployments.gauges import LiveGauge
 from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
 from serve.messages import ImageForEncoder, ImageTokenEmbeddings
+from serve.metrics import (
+    ENCODER_BATCH_SIZE,
+    ENCODER_CACHE_BYTES,
+    ENCODER_CACHE_HITS,
+    ENCODER_CACHE_MISSES,
+    ENCODER_IMAGES_ENCODED,
+    ENCODER_SECONDS,
+    LiveGauge,
+    ray_metric,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,35 +145,15 @@ class EmbeddingCache:
 
 
 class EncoderMetrics:
-    """The encoder's metrics (Ray Serve adds deployment, replica and application tags)."""
+    """The encoder stage's metrics (serve/metrics.py catalogues them)."""
 
     def __init__(self, cache: EmbeddingCache):
-        from ray.serve.metrics import Counter, Histogram
-
-        self.images_encoded = Counter(
-            "ministral_encoder_images_encoded", description="Images run through the vision tower."
-        )
-        self.batch_size = Histogram(
-            "ministral_encoder_batch_size",
-            description="Images per encoder forward pass.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64],
-        )
-        self.seconds = Histogram(
-            "ministral_encoder_seconds",
-            description="Time of one encoder forward pass.",
-            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-        )
-        self.cache_hits = Counter(
-            "ministral_encoder_cache_hits", description="Images answered from the embedding cache."
-        )
-        self.cache_misses = Counter(
-            "ministral_encoder_cache_misses", description="Images that had to be encoded."
-        )
-        self.cache_bytes = LiveGauge(
-            "ministral_encoder_cache_bytes",
-            description="Bytes held by the embedding cache.",
-            read=lambda: cache.bytes,
-        )
+        self.images_encoded = ray_metric(ENCODER_IMAGES_ENCODED)
+        self.batch_size = ray_metric(ENCODER_BATCH_SIZE)
+        self.seconds = ray_metric(ENCODER_SECONDS)
+        self.cache_hits = ray_metric(ENCODER_CACHE_HITS)
+        self.cache_misses = ray_metric(ENCODER_CACHE_MISSES)
+        self.cache_bytes = LiveGauge(ENCODER_CACHE_BYTES, read=lambda: cache.bytes)
 
 
 @serve.deployment(name="Encoder")

@@ -25,6 +25,11 @@ from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig, ImagesConfig
 from serve.errors import BadRequest
 from serve.messages import ImageForEncoder, PreprocessedRequest
+from serve.metrics import (
+    IMAGES_PREPROCESSED,
+    PREPROCESS_SECONDS,
+    ray_metric,
+)
 from serve.protocol.chat import ChatMessage, ToolDefinition
 
 
@@ -59,19 +64,11 @@ class ImageLoader:
 
 
 class PreprocessMetrics:
-    """The preprocess stage's metrics (Ray Serve adds deployment and replica tags)."""
+    """The preprocess stage's metrics (serve/metrics.py catalogues them)."""
 
     def __init__(self):
-        from ray.serve.metrics import Counter, Histogram
-
-        self.images_preprocessed = Counter(
-            "ministral_images_preprocessed", description="Images fetched, decoded and templated."
-        )
-        self.seconds = Histogram(
-            "ministral_preprocess_seconds",
-            description="Time to preprocess one request with images (fetch, decode, template).",
-            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-        )
+        self.images_preprocessed = ray_metric(IMAGES_PREPROCESSED)
+        self.seconds = ray_metric(PREPROCESS_SECONDS)
 
 
 @serve.deployment(name="Preprocess")

@@ -54,11 +54,13 @@ from serve.protocol.completions import (
     TokenizeResponse,
     new_completion_id,
 )
+from serve.request_metrics import RequestMetrics, RequestMetricsMiddleware, mark_error
 from serve.sampling import check_token_ids, completion_budget, sampling_settings
 
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="ministral-serve", docs_url=None, redoc_url=None)
+app.add_middleware(RequestMetricsMiddleware)
 
 # OpenAI's legacy completions default.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -80,7 +82,13 @@ UNSERVABLE_OPERATIONS = {
 }
 
 
-def _error_response(error: APIError) -> JSONResponse:
+def error_code(error: APIError) -> str:
+    """The error's label in the request metrics: its OpenAI code, else its type."""
+    return str(error.code or error.error_type)
+
+
+def _error_response(request: Request, error: APIError) -> JSONResponse:
+    mark_error(request.scope, error_code(error))
     return JSONResponse(
         error_payload(error.message, error.error_type, error.param, error.code),
         status_code=error.status_code,
@@ -88,8 +96,8 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 @app.exception_handler(APIError)
-async def _api_error(_: Request, error: APIError) -> JSONResponse:
-    return _error_response(error)
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return _error_response(request, error)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -99,6 +107,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
         if error.status_code in (404, 405)
         else str(error.detail)
     )
+    mark_error(request.scope, str(error.status_code))
     return JSONResponse(
         error_payload(message, "invalid_request_error", None, error.status_code),
         status_code=error.status_code,
@@ -106,8 +115,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    return _error_response(BadRequest(str(error)))
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return _error_response(request, BadRequest(str(error)))
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -157,7 +166,7 @@ def _stage_error(error: Exception, stage: str) -> APIError:
     return APIError(f"internal error in the {stage} stage")
 
 
-async def _guarded_events(events: AsyncIterator[str], request_id: str) -> AsyncIterator[str]:
+async def _guarded_events(events: AsyncIterator[str], request_id: str, scope: dict) -> AsyncIterator[str]:
     """A stream that fails mid-way ends with an OpenAI-shaped error event, not a cut connection."""
     try:
         async for event in events:
@@ -165,6 +174,7 @@ async def _guarded_events(events: AsyncIterator[str], request_id: str) -> AsyncI
     except Exception as e:
         error = _stage_error(e, "decoder")
         logger.warning("stream %s failed: %s", request_id, error.message)
+        mark_error(scope, error_code(error))
         yield sse(json.dumps(error_payload(error.message, error.error_type, error.param, error.code)))
 
 
@@ -192,6 +202,7 @@ class Ingress:
         self._model_name = config.model.name
         self._created = int(time.time())
         self._engine_info: EngineInfo | None = None
+        self._metrics = RequestMetricsMiddleware.metrics = RequestMetrics(self._model_name)
 
     async def _info(self) -> EngineInfo:
         # The decoder's resolved settings are the truth (vLLM may derive
@@ -237,10 +248,16 @@ class Ingress:
             ),
             parsing=self._chat_parsing(request),
         )
-        chunks = self._decoder.generate.options(stream=True).remote(decode, images)
+        if images is not None:
+            self._metrics.image_request()
+        chunks = self._metrics.decoded(
+            self._decoder.generate.options(stream=True).remote(decode, images),
+            http_request.scope,
+            prompt_tokens=len(decode.prompt_token_ids),
+        )
         output = ChatOutput(request, decode, self._model_name, info.system_fingerprint)
         if request.stream:
-            return self._stream(output.events(chunks), decode.request_id)
+            return self._stream(output.events(chunks), decode.request_id, http_request)
         try:
             response = await output.response(chunks)
         except Exception as e:
@@ -269,10 +286,14 @@ class Ingress:
                 prompt_logprobs=request.logprobs if request.echo else None,
             ),
         )
-        chunks = self._decoder.generate.options(stream=True).remote(decode)
+        chunks = self._metrics.decoded(
+            self._decoder.generate.options(stream=True).remote(decode),
+            http_request.scope,
+            prompt_tokens=len(decode.prompt_token_ids),
+        )
         output = CompletionOutput(request, decode, self._model_name, info.system_fingerprint, prompt_text)
         if request.stream:
-            return self._stream(output.events(chunks), decode.request_id)
+            return self._stream(output.events(chunks), decode.request_id, http_request)
         try:
             response = await output.response(chunks)
         except Exception as e:
@@ -341,8 +362,12 @@ class Ingress:
             tools = [ToolSpec(name=t.function.name, parameters=t.function.parameters) for t in request.tools]
         return OutputParsing(tools=tools, reasoning=self._reasoning)
 
-    def _stream(self, events: AsyncIterator[str], request_id: str) -> StreamingResponse:
-        return StreamingResponse(_guarded_events(events, request_id), media_type="text/event-stream")
+    def _stream(
+        self, events: AsyncIterator[str], request_id: str, http_request: Request
+    ) -> StreamingResponse:
+        return StreamingResponse(
+            _guarded_events(events, request_id, http_request.scope), media_type="text/event-stream"
+        )
 
     async def _preprocessed(
         self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None

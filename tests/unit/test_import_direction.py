@@ -23,6 +23,7 @@ VOCABULARY = (
     "serve.errors",
     "serve.protocol",
     "serve.messages",
+    "serve.metrics",
     "serve.checkpoint",
     "serve.chat_template",
     "serve.demo_checkpoint",
