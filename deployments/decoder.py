@@ -74,6 +74,8 @@ class DecoderEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from deployments.engine_metrics import EngineStatLogger
+
         checkpoint = open_checkpoint(config.model, weights=True)
         self.image_token_id = checkpoint.special_token_id("[IMG]")
         view_dir = write_language_model_view(checkpoint)
@@ -83,7 +85,11 @@ class DecoderEngine:
         if not on_gpu:
             os.environ.update(cpu_environment(config.engine, self.parallelism, cores))
         args = engine_args(
-            config.engine, self.parallelism, model_dir=str(view_dir), tokenizer_dir=str(checkpoint.path)
+            config.engine,
+            self.parallelism,
+            model_dir=str(view_dir),
+            tokenizer_dir=str(checkpoint.path),
+            served_name=config.model.name,
         )
         vllm_config = args.create_engine_config()
         if self.parallelism.executor == "ray":
@@ -93,7 +99,13 @@ class DecoderEngine:
             # hand it the replica's placement group, one GPU bundle per rank.
             vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
             os.environ["VLLM_RAY_PER_WORKER_GPUS"] = str(config.deployments.decoder.num_gpus)
-        self.engine = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+        # The engine's own figures (ray_vllm_*: running and waiting requests,
+        # KV-cache use, tokens, latencies) through Ray's metrics agent,
+        # labelled with this replica's id.
+        stat_loggers = [EngineStatLogger] if config.engine.export_metrics else None
+        self.engine = AsyncLLM.from_vllm_config(
+            vllm_config, stat_loggers=stat_loggers, disable_log_stats=True
+        )
         self.streaming = config.streaming
         self.tokenizer = self.engine.get_tokenizer()
         model_config = self.engine.model_config

@@ -55,8 +55,15 @@ def engine_parallelism(engine: EngineConfig, *, on_gpu: bool, cpu_cores: int) ->
     )
 
 
-def engine_args(engine: EngineConfig, parallelism: EngineParallelism, *, model_dir: str, tokenizer_dir: str):
-    """vLLM engine arguments for a decoder replica."""
+def engine_args(
+    engine: EngineConfig,
+    parallelism: EngineParallelism,
+    *,
+    model_dir: str,
+    tokenizer_dir: str,
+    served_name: str,
+):
+    """vLLM engine arguments for a decoder replica (`served_name` labels its metrics)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     eager, compilation = engine.enforce_eager, {}
@@ -78,8 +85,9 @@ def engine_args(engine: EngineConfig, parallelism: EngineParallelism, *, model_d
         **compilation,
         enable_prefix_caching=engine.enable_prefix_caching,
         enable_prompt_embeds=True,
-        # Decoder replicas report their own metrics; vLLM's periodic log
-        # lines would only repeat them.
+        served_model_name=served_name,
+        # Stats go to Prometheus through the decoder's Ray stat logger
+        # (engine.export_metrics); vLLM's periodic log lines would only repeat them.
         disable_log_stats=True,
     )
 

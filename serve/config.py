@@ -109,6 +109,13 @@ class EngineConfig(_Strict):
         description="Skip CUDA-graph / torch.compile warm-up (faster start, slower steps).",
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prefixes.")
+    export_metrics: bool = Field(
+        default=True,
+        description=(
+            "Export vLLM's engine metrics (ray_vllm_*: running and waiting requests, KV-cache use, "
+            "tokens, latencies) from every decoder replica through Ray's metrics agent."
+        ),
+    )
 
 
 class AutoscalingBounds(_Strict):

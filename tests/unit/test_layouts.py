@@ -169,10 +169,14 @@ def test_cpu_pipeline_engines_run_vllms_warm_up():
     # which eager engines skip.
     engine = EngineConfig(pipeline_parallel_size=2, enforce_eager=True)
     shape = engine_parallelism(engine, on_gpu=False, cpu_cores=2)
-    args = engine_args(engine, shape, model_dir="m", tokenizer_dir="t")
+    args = engine_args(engine, shape, model_dir="m", tokenizer_dir="t", served_name="n")
     assert args.enforce_eager is False
     assert (args.compilation_config.mode, args.compilation_config.backend) == (2, "eager")
     gpu = engine_args(
-        engine, engine_parallelism(engine, on_gpu=True, cpu_cores=2), model_dir="m", tokenizer_dir="t"
+        engine,
+        engine_parallelism(engine, on_gpu=True, cpu_cores=2),
+        model_dir="m",
+        tokenizer_dir="t",
+        served_name="n",
     )
     assert gpu.enforce_eager is True and gpu.distributed_executor_backend == "ray"
