@@ -1,12 +1,13 @@
 # The two commands of the README. Both install what they need into .venv/ first.
 PORT ?= 8000
+METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
 .PHONY: serve test test-fast lint bench
 
 serve:
 	scripts/install.sh cpu
-	.venv/bin/ministral-serve run --port $(PORT)
+	.venv/bin/ministral-serve run --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test:
 	scripts/install.sh cpu,test

@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 extras="${1:-cpu}"
 python="${PYTHON:-python3.11}"
 stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${extras//,/-}"
+if [[ "$extras" == *test* ]] && ! { command -v prometheus && command -v promtool && command -v tmux; } >/dev/null; then
+  # The metrics tests run a real Prometheus and promtool (Debian's package),
+  # and `ministral-serve top` in a real terminal (tmux).
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends prometheus tmux >/dev/null \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus tmux >/dev/null; }
+fi
+
 [ -f "$stamp" ] && exit 0
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -33,7 +33,9 @@ def _run(args: argparse.Namespace) -> None:
     # Ray runs workers at nice 15 by default; on a small machine that starves
     # the engine next to any other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(include_dashboard=False)
+    # Ray's metrics agent serves every process's metrics (ours, vLLM's, Ray
+    # Serve's) on one port: a fixed one, so Prometheus knows where to scrape.
+    ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name=application.get("name", "ministral"), route_prefix="/")
     base = f"http://{args.host}:{args.port}"
@@ -43,6 +45,8 @@ def _run(args: argparse.Namespace) -> None:
         f'    -d \'{{"model": "{config.model.name}", '
         f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
         f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="unused")\n'
+        f"Metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics\n"
+        f"  ministral-serve top --metrics-url http://127.0.0.1:{args.metrics_port}/metrics\n"
         "Ctrl-C stops it.",
         flush=True,
     )
@@ -127,6 +131,34 @@ def _configs(args: argparse.Namespace) -> None:
         sys.exit(f"out of date with serve/layouts.py (run `ministral-serve configs`): {', '.join(stale)}")
 
 
+def _dashboards(args: argparse.Namespace) -> None:
+    from dashboards.build import generated_files
+
+    stale = []
+    for path, text in generated_files().items():
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(str(path))
+            continue
+        path.write_text(text)
+        print(f"wrote {path}")
+    if stale:
+        sys.exit(
+            f"out of date with dashboards/build.py (run `ministral-serve dashboards`): {', '.join(stale)}"
+        )
+
+
+def _top(args: argparse.Namespace) -> None:
+    from serve.top import MetricsUnavailable, watch
+
+    try:
+        watch(args.metrics_url, interval_s=args.interval, window_s=args.window)
+    except MetricsUnavailable as e:
+        sys.exit(str(e))
+    except KeyboardInterrupt:
+        pass
+
+
 def _bench(args: argparse.Namespace) -> None:
     import json
 
@@ -185,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("METRICS_PORT", "8080")),
+        help="where Ray exports every metric for Prometheus (default 8080, or METRICS_PORT)",
+    )
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser(
@@ -209,6 +247,29 @@ def main(argv: list[str] | None = None) -> None:
     configs.add_argument("--directory", type=Path, default=CONFIGS_DIR)
     configs.add_argument("--check", action="store_true", help="fail if a file differs from the registry")
     configs.set_defaults(handler=_configs)
+
+    dashboards = commands.add_parser(
+        "dashboards", help="write the Grafana dashboards and the metric catalogue into dashboards/"
+    )
+    dashboards.add_argument("--check", action="store_true", help="fail if a file differs from the code")
+    dashboards.set_defaults(handler=_dashboards)
+
+    top = commands.add_parser(
+        "top", help="live terminal view of the service's metrics (no Prometheus needed)"
+    )
+    top.add_argument(
+        "--metrics-url",
+        default=f"http://127.0.0.1:{os.environ.get('METRICS_PORT', '8080')}/metrics",
+        help="the metrics endpoint `ministral-serve run` printed",
+    )
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument(
+        "--window",
+        type=float,
+        default=30.0,
+        help="seconds that rates and percentiles cover; keep it several of Ray's report intervals (10 s)",
+    )
+    top.set_defaults(handler=_top)
 
     bench = commands.add_parser(
         "bench", help="benchmark the service against vLLM's own server on this machine"

@@ -22,6 +22,9 @@ def start_own_ray(
     os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
     # Metrics reach the export endpoint within a second instead of ten.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
+    # Serve's controller sets its replica-health gauge again every 10 s by
+    # default; Ray drops a gauge two report intervals after its last set.
+    os.environ["RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S"] = "0.5"
     options = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
     ray.init(
         address="local",
