@@ -1,50 +1,35 @@
 """vLLM's engine metrics, exported through Ray from each decoder replica.
 
 vLLM's `RayPrometheusStatLogger` records the engine's figures (ray_vllm_*)
-on every engine step. Ray 2.60 drops a gauge from /metrics two report
-intervals after its last `set()`, and an idle engine takes no steps, so
+on every engine step. An idle engine takes no steps, so without help its
 running requests, waiting requests and KV-cache use would vanish from
-dashboards and alerts exactly when the engine goes quiet. `HeldRayGauge`
-sets each gauge again with its last value every half report interval, as a
-Prometheus client library keeps a gauge's value until it changes.
+dashboards and alerts exactly when the engine goes quiet (Ray drops a gauge
+that is not set again: serve.metrics.keep_alive). `HeldRayGauge` keeps each
+gauge's last value, as a Prometheus client library does.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from typing import ClassVar
-
 from vllm.v1.metrics.ray_wrappers import RayGaugeWrapper, RayPrometheusStatLogger
 
-from serve.metrics import report_interval_s
+from serve.metrics import keep_alive
 
 
 class HeldRayGauge(RayGaugeWrapper):
-    _held: ClassVar[dict[int, HeldRayGauge]] = {}
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-    _refresher: ClassVar[threading.Thread | None] = None
+    _kept_as: int | None = None
 
     def set(self, value: float):
+        # vLLM sets labelled copies (`labels()` returns a copy.copy of the
+        # gauge), so each object is kept from its own first `set()`: a copy
+        # inherits its original's attributes, but not its id.
+        if self._kept_as != id(self):
+            self._kept_as = id(self)
+            keep_alive(self._set_again)
         self._last_value = value
-        with HeldRayGauge._lock:
-            HeldRayGauge._held[id(self)] = self
-            if HeldRayGauge._refresher is None:
-                HeldRayGauge._refresher = threading.Thread(
-                    target=HeldRayGauge._refresh, name="vllm-gauges", daemon=True
-                )
-                HeldRayGauge._refresher.start()
         return super().set(value)
 
-    @classmethod
-    def _refresh(cls) -> None:
-        period = report_interval_s() / 2
-        while True:
-            time.sleep(period)
-            with cls._lock:
-                gauges = list(cls._held.values())
-            for gauge in gauges:
-                RayGaugeWrapper.set(gauge, gauge._last_value)
+    def _set_again(self) -> None:
+        super().set(self._last_value)
 
 
 class EngineStatLogger(RayPrometheusStatLogger):

@@ -113,39 +113,30 @@ def _plan(args: argparse.Namespace) -> None:
         print(format_table(plans, gpu_label=label))
 
 
-def _configs(args: argparse.Namespace) -> None:
-    from serve.layouts import LAYOUTS, serve_config
-
-    stale = []
-    for layout in LAYOUTS.values():
-        path = args.directory / f"{layout.name}.yaml"
-        text = serve_config(layout)
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-            continue
+def _write_generated(files: dict[Path, str], *, check: bool, source: str, command: str) -> None:
+    """Write generated files, or with `check` fail naming those that differ from what `source` builds."""
+    if check:
+        stale = [str(path) for path, text in files.items() if not path.exists() or path.read_text() != text]
+        if stale:
+            sys.exit(f"out of date with {source} (run `ministral-serve {command}`): {', '.join(stale)}")
+        return
+    for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}")
-    if stale:
-        sys.exit(f"out of date with serve/layouts.py (run `ministral-serve configs`): {', '.join(stale)}")
+
+
+def _configs(args: argparse.Namespace) -> None:
+    from serve.layouts import LAYOUTS, serve_config
+
+    files = {args.directory / f"{layout.name}.yaml": serve_config(layout) for layout in LAYOUTS.values()}
+    _write_generated(files, check=args.check, source="serve/layouts.py", command="configs")
 
 
 def _dashboards(args: argparse.Namespace) -> None:
     from dashboards.build import generated_files
 
-    stale = []
-    for path, text in generated_files().items():
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-            continue
-        path.write_text(text)
-        print(f"wrote {path}")
-    if stale:
-        sys.exit(
-            f"out of date with dashboards/build.py (run `ministral-serve dashboards`): {', '.join(stale)}"
-        )
+    _write_generated(generated_files(), check=args.check, source="dashboards/build.py", command="dashboards")
 
 
 def _top(args: argparse.Namespace) -> None:
@@ -202,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="ministral-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    # Where `run` exports the metrics and where `top` reads them.
+    metrics_port = int(os.environ.get("METRICS_PORT", "8080"))
 
     demo = commands.add_parser(
         "demo-checkpoint", help="write a tiny random Ministral 3 checkpoint (for demos and tests)"
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument(
         "--metrics-port",
         type=int,
-        default=int(os.environ.get("METRICS_PORT", "8080")),
+        default=metrics_port,
         help="where Ray exports every metric for Prometheus (default 8080, or METRICS_PORT)",
     )
     run.set_defaults(handler=_run)
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     top.add_argument(
         "--metrics-url",
-        default=f"http://127.0.0.1:{os.environ.get('METRICS_PORT', '8080')}/metrics",
+        default=f"http://127.0.0.1:{metrics_port}/metrics",
         help="the metrics endpoint `ministral-serve run` printed",
     )
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.chat import ChatOutput, sse
@@ -31,6 +31,7 @@ from serve.config import AppConfig
 from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
 from serve.grammar import GrammarBuilder
 from serve.messages import (
+    DecodeChunk,
     DecodeRequest,
     EngineInfo,
     OutputParsing,
@@ -250,11 +251,7 @@ class Ingress:
         )
         if images is not None:
             self._metrics.image_request()
-        chunks = self._metrics.decoded(
-            self._decoder.generate.options(stream=True).remote(decode, images),
-            http_request.scope,
-            prompt_tokens=len(decode.prompt_token_ids),
-        )
+        chunks = self._generate(decode, http_request, images)
         output = ChatOutput(request, decode, self._model_name, info.system_fingerprint)
         if request.stream:
             return self._stream(output.events(chunks), decode.request_id, http_request)
@@ -286,11 +283,7 @@ class Ingress:
                 prompt_logprobs=request.logprobs if request.echo else None,
             ),
         )
-        chunks = self._metrics.decoded(
-            self._decoder.generate.options(stream=True).remote(decode),
-            http_request.scope,
-            prompt_tokens=len(decode.prompt_token_ids),
-        )
+        chunks = self._generate(decode, http_request)
         output = CompletionOutput(request, decode, self._model_name, info.system_fingerprint, prompt_text)
         if request.stream:
             return self._stream(output.events(chunks), decode.request_id, http_request)
@@ -361,6 +354,19 @@ class Ingress:
         if request.calls_tools:
             tools = [ToolSpec(name=t.function.name, parameters=t.function.parameters) for t in request.tools]
         return OutputParsing(tools=tools, reasoning=self._reasoning)
+
+    def _generate(
+        self, decode: DecodeRequest, http_request: Request, images: DeploymentResponse | None = None
+    ) -> AsyncIterator[DecodeChunk]:
+        """The decoder's chunk stream for one request, counted in the request metrics.
+
+        `images`: the encoder's response, passed on unresolved so that the
+        embeddings go from the encoder to the decoder without passing here."""
+        return self._metrics.decoded(
+            self._decoder.generate.options(stream=True).remote(decode, images),
+            http_request.scope,
+            prompt_tokens=len(decode.prompt_token_ids),
+        )
 
     def _stream(
         self, events: AsyncIterator[str], request_id: str, http_request: Request

@@ -19,11 +19,15 @@ concurrency. Ray adds `_total` to counters, and `_bucket`, `_sum` and
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["counter", "gauge", "histogram"]
 Source = Literal["ingress", "preprocess", "encoder", "vllm", "ray-serve"]
@@ -307,29 +311,49 @@ def report_interval_s() -> float:
     return max(1.0, float(interval_ms) / 1000)
 
 
-class LiveGauge:
-    """A gauge that stays on /metrics while nothing changes.
+_kept_gauges: list[Callable[[], None]] = []
+_keeper_lock = threading.Lock()
+_keeper: threading.Thread | None = None
 
-    Ray 2.60 exports a `ray.serve.metrics.Gauge` only when `set()` is
-    called and drops it from the Prometheus endpoint two report intervals
-    later, so a value that stops changing (an idle cache's size, zero
-    requests in flight) would vanish from Grafana. `LiveGauge` reads its
-    value and sets it again every half interval.
+
+def keep_alive(set_again: Callable[[], None]) -> None:
+    """Call `set_again` every half report interval from now on, so that its gauge stays on /metrics.
+
+    Ray 2.60 exports a gauge only when `set()` is called and drops it from
+    the Prometheus endpoint two report intervals later, so a value that
+    stops changing (an idle cache's size, zero requests in flight, an idle
+    engine's running requests) would vanish from Grafana. One thread per
+    process sets every kept gauge again.
     """
+    global _keeper
+    with _keeper_lock:
+        _kept_gauges.append(set_again)
+        if _keeper is None:
+            _keeper = threading.Thread(target=_keep_gauges, name="gauge-keeper", daemon=True)
+            _keeper.start()
+
+
+def _keep_gauges() -> None:
+    period = report_interval_s() / 2
+    while True:
+        time.sleep(period)
+        with _keeper_lock:
+            kept = list(_kept_gauges)
+        for set_again in kept:
+            try:
+                set_again()
+            except Exception:
+                # One failing read must not stop the others' gauges.
+                logger.exception("setting a gauge again failed")
+
+
+class LiveGauge:
+    """A gauge whose value is read from `read` whenever it is set, kept on /metrics while idle."""
 
     def __init__(self, metric: Metric, read: Callable[[], float]):
         self._gauge = ray_metric(metric)
         self._read = read
-        self._stopped = threading.Event()
-        threading.Thread(target=self._refresh, name=f"gauge-{metric.name}", daemon=True).start()
+        keep_alive(self.update)
 
     def update(self) -> None:
         self._gauge.set(self._read())
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _refresh(self) -> None:
-        period = report_interval_s() / 2
-        while not self._stopped.wait(period):
-            self.update()

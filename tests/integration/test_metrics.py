@@ -24,6 +24,7 @@ from serve.metrics import CATALOGUE
 from tests.image_server import data_url, image_bytes
 from tests.integration.conftest import APP_NAME
 from tests.integration.scrape import scrape, total
+from tests.polling import wait_for
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -44,16 +45,15 @@ class Prometheus:
     url: str
 
     def query(self, expr: str, at: float) -> list[dict]:
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr, "time": at}, timeout=30)
-        body = response.json()
-        assert body["status"] == "success", (expr, body)
-        return body["data"]["result"]
+        return self._result("query", {"query": expr, "time": at})
 
     def query_range(self, expr: str, start: float, end: float) -> list[dict]:
         params = {"query": expr, "start": start, "end": end, "step": SCRAPE_INTERVAL_S}
-        response = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=30)
-        body = response.json()
-        assert body["status"] == "success", (expr, body)
+        return self._result("query_range", params)
+
+    def _result(self, endpoint: str, params: dict) -> list[dict]:
+        body = httpx.get(f"{self.url}/api/v1/{endpoint}", params=params, timeout=30).json()
+        assert body["status"] == "success", (params, body)
         return body["data"]["result"]
 
     def value(self, expr: str, at: float) -> float:
@@ -199,13 +199,6 @@ class Traffic:
         assert not self.errors, self.errors
 
 
-def wait_for_series(prometheus: Prometheus, expr: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not prometheus.query(expr, time.time()):
-        assert time.monotonic() < deadline, f"Prometheus never saw {expr}"
-        time.sleep(1)
-
-
 def substituted(expr: str, service) -> str:
     return (
         expr.replace("$__rate_interval", RATE_INTERVAL)
@@ -226,8 +219,9 @@ def observed(service, client, prometheus):
     assert bad.status_code == 400
     tokens = f'sum(ray_ministral_generation_tokens_total{{application="{APP_NAME}"}})'
     engine_tokens = f'sum(ray_vllm_generation_tokens_total{{model_name="{service.model}"}})'
-    wait_for_series(prometheus, tokens)
-    wait_for_series(prometheus, engine_tokens)
+    for expr in (tokens, engine_tokens):
+        seen = wait_for(lambda expr=expr: prometheus.query(expr, time.time()), timeout_s=60)
+        assert seen, f"Prometheus never saw {expr}"
     time.sleep(3 * SCRAPE_INTERVAL_S + 2)  # the warm-up's last tokens reach Prometheus
     started = time.time()
     traffic = Traffic(service)
