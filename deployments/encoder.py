@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
-from serve.messages import ImageForEncoder, ImageTokenEmbeddings
+from serve.messages import ImageForEncoder, ImageTokenEmbeddings, PreprocessedRequest
 from serve.metrics import (
     ENCODER_BATCH_SIZE,
     ENCODER_CACHE_BYTES,
@@ -178,8 +178,8 @@ class Encoder:
             "encoder ready on %s (%s), cache %d bytes", device, self._vision.dtype, self._cache.max_bytes
         )
 
-    async def encode(self, images: list[ImageForEncoder]) -> ImageTokenEmbeddings:
-        embeddings = await asyncio.gather(*(self._embedding(image) for image in images))
+    async def encode(self, prompt: PreprocessedRequest) -> ImageTokenEmbeddings:
+        embeddings = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
         return ImageTokenEmbeddings(embeddings=torch.cat(embeddings))
 
     async def _embedding(self, image: ImageForEncoder) -> torch.Tensor:
@@ -198,8 +198,7 @@ class Encoder:
         return await asyncio.shield(future)
 
     async def _encode_new(self, image: ImageForEncoder) -> torch.Tensor:
-        pixels = await image.pixels
-        embedding = await self._encode_batch(pixels)
+        embedding = await self._encode_batch(image.pixels)
         self._cache.put(image.content_hash, embedding)
         self._metrics.cache_bytes.update()
         return embedding

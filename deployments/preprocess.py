@@ -86,24 +86,22 @@ class Preprocess:
         started = time.perf_counter()
         images = await self._loader.load(messages)
         # Resizing, normalising and hashing are CPU work: off the event loop.
-        preprocessed = await asyncio.to_thread(self._template_and_store, messages, images, tools)
+        preprocessed = await asyncio.to_thread(self._template_and_hash, messages, images, tools)
         self._metrics.images_preprocessed.inc(len(preprocessed.images))
         self._metrics.seconds.observe(time.perf_counter() - started)
         return preprocessed
 
-    def _template_and_store(
+    def _template_and_hash(
         self,
         messages: list[ChatMessage],
         images: dict[PartPosition, Image.Image],
         tools: list[ToolDefinition] | None,
     ) -> PreprocessedRequest:
-        import ray
-
         tokenized = self._template.encode_chat(messages, images, tools)
         encoder_inputs = [
             ImageForEncoder(
                 content_hash=content_hash(pixels),
-                pixels=ray.put(pixels),
+                pixels=pixels,
                 height=pixels.shape[1],
                 width=pixels.shape[2],
             )

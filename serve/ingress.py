@@ -160,6 +160,8 @@ def _stage_error(error: Exception, stage: str) -> APIError:
         return error
     unavailable = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ObjectLostError)
     if isinstance(error, unavailable):
+        # The client's 503 says only "retry"; the operator's log says why.
+        logger.warning("%s stage unavailable: %s", stage, error)
         return ServiceUnavailable(f"the {stage} stage is unavailable; retry shortly")
     if isinstance(error, BackPressureError):
         return ServiceUnavailable(f"the {stage} stage is at capacity; retry shortly", code="overloaded")
@@ -227,7 +229,7 @@ class Ingress:
     async def chat_completions(self, http_request: Request) -> Response:
         request = await self._parse(http_request, ChatCompletionRequest)
         grammar = self._grammar.for_chat(request)
-        prompt = await self._preprocessed(request.messages, request.tools)
+        prompt, preprocess_response = await self._preprocessed(request.messages, request.tools)
         info = await self._info()
         max_tokens = completion_budget(
             len(prompt.prompt_token_ids),
@@ -236,7 +238,7 @@ class Ingress:
             field=request.completion_token_field,
         )
         # Not awaited: the embeddings go from the encoder to the decoder directly.
-        images = self._encoder.encode.remote(prompt.images) if prompt.images else None
+        images = self._encoder.encode.remote(preprocess_response) if prompt.images else None
         decode = DecodeRequest(
             request_id=new_chat_completion_id(),
             prompt_token_ids=prompt.prompt_token_ids,
@@ -303,7 +305,7 @@ class Ingress:
         if request.prompt is not None:
             tokens = self._template.encode_text(request.prompt, add_bos=request.add_special_tokens)
         else:
-            tokens = (await self._preprocessed(request.messages)).prompt_token_ids
+            tokens = (await self._preprocessed(request.messages))[0].prompt_token_ids
         pieces = [self._template.decode([token]) for token in tokens] if request.return_token_strs else None
         return TokenizeResponse(
             count=len(tokens), max_model_len=info.max_model_len, tokens=tokens, token_strs=pieces
@@ -377,19 +379,24 @@ class Ingress:
 
     async def _preprocessed(
         self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
-    ) -> PreprocessedRequest:
-        """Text: templated here. Images: fetched, decoded and templated by the Preprocess stage."""
+    ) -> tuple[PreprocessedRequest, DeploymentResponse | None]:
+        """Text: templated here. Images: fetched, decoded and templated by the Preprocess stage.
+
+        For images, the stage's response comes back too, for the encoder to
+        take unresolved: the pixel arrays then go from stage to stage through
+        the object store, not through this replica."""
         num_images = len(image_positions(messages))
         if not num_images:
             tokenized = self._template.encode_chat(messages, tools=tools)
-            return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids)
+            return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids), None
         limit = self._config.images.max_images_per_request
         if num_images > limit or self._preprocess is None:
             raise BadRequest(
                 f"messages: the request has {num_images} images; this service accepts at most {limit}",
                 param="messages",
             )
+        response = self._preprocess.preprocess.remote(messages, tools)
         try:
-            return await self._preprocess.preprocess.remote(messages, tools)
+            return await response, response
         except Exception as e:
             raise _stage_error(e, "preprocess") from e

@@ -1,19 +1,24 @@
 """Typed messages that cross a stage boundary.
 
 ingress -(messages)-> Preprocess -(PreprocessedRequest)-> ingress
-ingress -(ImageForEncoder list)-> Encoder -(ImageTokenEmbeddings)-> Decoder
+Preprocess's response, passed on unresolved -> Encoder -(ImageTokenEmbeddings)-> Decoder
 ingress -(DecodeRequest)-> Decoder -(DecodeChunk stream)-> ingress
 
-Pixel arrays and embeddings go stage to stage through Ray's object store;
-the ingress only ever holds references to them.
+Pixel arrays and embeddings go stage to stage through Ray's object store:
+the ingress hands a stage's response to the next stage without resolving it
+(pixel arrays it reads for the prompt are mapped, not copied). They travel
+inline in the messages, never as ObjectRefs nested inside them: Ray's
+reference counting lost such a nested ref (`ReferenceCountingAssertionError`)
+under a dozen concurrent image requests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -22,8 +27,7 @@ class ImageForEncoder:
     """One image of a prompt, ready for the vision encoder."""
 
     content_hash: str  # of the pixel array: the encoder's cache key
-    # ray.ObjectRef to float32 [3, height, width], normalised as mistral_common does.
-    pixels: Any
+    pixels: np.ndarray  # float32 [3, height, width], normalised as mistral_common does
     height: int
     width: int
 
