@@ -11,7 +11,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from serve.layouts import check_shape, get_layout
 
@@ -327,6 +327,17 @@ class LimitsConfig(_Strict):
     )
 
 
+class AuthConfig(_Strict):
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=(
+            "Keys clients must send as `Authorization: Bearer KEY` on every route but /health. "
+            "MINISTRAL_API_KEYS (comma-separated, in the replicas' environment) adds to them; "
+            "with neither, the service is open."
+        ),
+    )
+
+
 class AppConfig(_Strict):
     """Arguments of `serve.app:build_app` (the `args:` of a Serve config file)."""
 
@@ -350,6 +361,7 @@ class AppConfig(_Strict):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     use_default_system_prompt: bool = Field(
         default=True,

@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.auth import ApiKeyMiddleware, api_keys
 from serve.chat import ChatOutput, sse
 from serve.chat_template import ChatTemplate, image_positions
 from serve.checkpoint import open_checkpoint, reasoning_enabled
@@ -61,6 +62,8 @@ from serve.sampling import check_token_ids, completion_budget, sampling_settings
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="ministral-serve", docs_url=None, redoc_url=None)
+# The last added runs first: requests refused for their key are counted too.
+app.add_middleware(ApiKeyMiddleware)
 app.add_middleware(RequestMetricsMiddleware)
 
 # OpenAI's legacy completions default.
@@ -206,6 +209,9 @@ class Ingress:
         self._created = int(time.time())
         self._engine_info: EngineInfo | None = None
         self._metrics = RequestMetricsMiddleware.metrics = RequestMetrics(self._model_name)
+        ApiKeyMiddleware.keys = api_keys(key.get_secret_value() for key in config.auth.api_keys)
+        if ApiKeyMiddleware.keys:
+            logger.info("API keys required: %d configured", len(ApiKeyMiddleware.keys))
 
     async def _info(self) -> EngineInfo:
         # The decoder's resolved settings are the truth (vLLM may derive
