@@ -7,8 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from serve.config import AppConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
 
@@ -20,16 +24,26 @@ def _demo_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote demo checkpoint (random weights, meaningless output) to {path}")
 
 
+def _application(config_path: Path, model: str | None = None) -> tuple[str, AppConfig]:
+    """The first application of a Serve config file, its `model.source` replaced by `model` if given."""
+    from serve.config import AppConfig
+
+    application = yaml.safe_load(config_path.read_text())["applications"][0]
+    args = application.get("args") or {}
+    if model:
+        args.setdefault("model", {})["source"] = model
+    return application.get("name", "ministral"), AppConfig.model_validate(args)
+
+
 def _run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
     from serve.app import build_app
-    from serve.config import AppConfig
+    from serve.auth import api_keys
 
-    serve_config = yaml.safe_load(Path(args.config).read_text())
-    application = serve_config["applications"][0]
-    config = AppConfig.model_validate(application.get("args") or {})
+    config_path = CONFIGS_DIR / f"{args.layout}.yaml" if args.layout else Path(args.config)
+    name, config = _application(config_path, model=args.model)
     # Ray runs workers at nice 15 by default; on a small machine that starves
     # the engine next to any other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -37,14 +51,17 @@ def _run(args: argparse.Namespace) -> None:
     # Serve's) on one port: a fixed one, so Prometheus knows where to scrape.
     ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name=application.get("name", "ministral"), route_prefix="/")
+    serve.run(build_app(config), name=name, route_prefix="/")
     base = f"http://{args.host}:{args.port}"
+    keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
+    key_header = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
     print(
-        f"\nministral-serve is up at {base} serving model {config.model.name!r}.\n"
-        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"\nministral-serve is up at {base} serving model {config.model.name!r}"
+        f"{' (API keys required)' if keyed else ''}.\n"
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key_header} \\\n"
         f'    -d \'{{"model": "{config.model.name}", '
         f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
-        f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="unused")\n'
+        f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="{"YOUR_KEY" if keyed else "unused"}")\n'
         f"Metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics\n"
         f"  ministral-serve top --metrics-url http://127.0.0.1:{args.metrics_port}/metrics\n"
         "Ctrl-C stops it.",
@@ -127,9 +144,10 @@ def _write_generated(files: dict[Path, str], *, check: bool, source: str, comman
 
 
 def _configs(args: argparse.Namespace) -> None:
-    from serve.layouts import LAYOUTS, serve_config
+    from serve.layouts import LAYOUTS, cluster_needs, serve_config
 
     files = {args.directory / f"{layout.name}.yaml": serve_config(layout) for layout in LAYOUTS.values()}
+    files[args.directory / "cluster-needs.json"] = cluster_needs(LAYOUTS)
     _write_generated(files, check=args.check, source="serve/layouts.py", command="configs")
 
 
@@ -190,6 +208,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from serve.capacity import GPU_MEMORY_GIB
+    from serve.layouts import LAYOUTS
 
     parser = argparse.ArgumentParser(prog="ministral-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(handler=_demo_checkpoint)
 
     run = commands.add_parser("run", help="start the service on a local Ray instance")
-    run.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file")
+    source.add_argument(
+        "--layout", choices=list(LAYOUTS), help="a GPU layout preset: its config under serve/configs/"
+    )
+    run.add_argument("--model", help="model.source: a Hugging Face id, a checkpoint directory or demo")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     run.add_argument(

@@ -226,3 +226,23 @@ def serve_config(layout: Layout) -> str:
         f"# {layout.gpus} GPUs: decoder {layout.shape}; encoder on {encoder}.\n"
     )
     return header + yaml.safe_dump(document, sort_keys=False)
+
+
+def cluster_needs(layouts: dict[str, Layout]) -> str:
+    """What each preset asks of a cluster, as JSON: the Helm chart sizes its GPU workers by it.
+
+    `gpus`: every GPU the Serve config's actors take. `gpus_per_worker_multiple`:
+    a worker's GPU count must be a multiple of it, so that each tensor-parallel
+    group fits on one node (see `decoder_placement`)."""
+    import json
+
+    needs = {
+        layout.name: {
+            "summary": layout.summary,
+            "gpus": layout.gpus,
+            "gpus_per_worker_multiple": layout.tensor_parallel,
+            "decoder": layout.shape,
+        }
+        for layout in layouts.values()
+    }
+    return json.dumps(needs, indent=2) + "\n"

@@ -31,6 +31,33 @@ def test_unknown_subcommand_fails_with_usage():
     assert "demo-checkpoint" in result.stderr
 
 
+def test_run_takes_a_layout_and_a_model_without_a_config_file():
+    from serve.cli import CONFIGS_DIR, _application
+
+    name, config = _application(CONFIGS_DIR / "2gpu-tp.yaml", model="/srv/models/ministral")
+    assert name == "ministral"
+    assert config.layout == "2gpu-tp"
+    assert config.engine.tensor_parallel_size == 2
+    assert config.model.source == "/srv/models/ministral"
+    # Without --model, the preset's own model.
+    assert _application(CONFIGS_DIR / "2gpu-tp.yaml")[1].model.source.startswith("mistralai/")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--layout", "5gpu"], "argument --layout: invalid choice: '5gpu'"),
+        (["--layout", "1gpu", "--config", "serve/config.yaml"], "not allowed with argument --layout"),
+    ],
+)
+def test_run_refuses_a_bad_layout_before_starting_anything(arguments, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "run", *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
 def test_bench_refuses_zero_repeats_before_starting_anything():
     result = subprocess.run(
         [sys.executable, "-m", "serve", "bench", "--repeats", "0"],

@@ -1,5 +1,6 @@
 """Layout presets: shapes, placement, the Serve configs generated from them, and the engine's shape."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,15 @@ from pydantic import ValidationError
 from deployments.engine_settings import cpu_environment, engine_args, engine_parallelism
 from serve.app import decoder_options
 from serve.config import AppConfig, EngineConfig
-from serve.layouts import LAYOUTS, LayoutError, check_shape, decoder_placement, get_layout, serve_config
+from serve.layouts import (
+    LAYOUTS,
+    LayoutError,
+    check_shape,
+    cluster_needs,
+    decoder_placement,
+    get_layout,
+    serve_config,
+)
 
 CONFIGS = Path(__file__).parents[2] / "serve" / "configs"
 
@@ -124,6 +133,27 @@ def test_checked_in_serve_configs_match_the_registry(name):
     (application,) = yaml.safe_load(path.read_text())["applications"]
     assert application["import_path"] == "serve.app:build_app"
     assert AppConfig.model_validate(application["args"]).layout == name
+
+
+def test_checked_in_cluster_needs_match_the_registry():
+    text = (CONFIGS / "cluster-needs.json").read_text()
+    assert text == cluster_needs(LAYOUTS)
+    needs = json.loads(text)
+    assert set(needs) == set(EXPECTED)
+    # What the Helm chart sizes GPU workers by: all GPUs, and TP groups kept whole.
+    assert {name: (n["gpus"], n["gpus_per_worker_multiple"]) for name, n in needs.items()} == {
+        "1gpu": (1, 1),
+        "2gpu-tp": (2, 2),
+        "2gpu-pp": (2, 1),
+        "2gpu-dp": (2, 1),
+        "2gpu-encoder": (2, 1),
+        "3gpu-pp": (3, 1),
+        "4gpu-tp": (4, 4),
+        "4gpu-pp": (4, 1),
+        "4gpu-tp2pp2": (4, 2),
+        "4gpu-dp": (4, 1),
+        "4gpu-encoder-pp3": (4, 1),
+    }
 
 
 def test_configs_command_detects_drift(tmp_path):

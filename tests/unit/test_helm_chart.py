@@ -1,0 +1,311 @@
+"""The Helm chart, rendered by Helm's own engine (its Go SDK) and checked against the schemas of each kind.
+
+Built-in kinds validate against Kubernetes' published schemas
+(kubernetes-validate); the RayService against KubeRay's CRD, the PodMonitor
+and PrometheusRule against the Prometheus Operator's (tests/data/crds/).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.config import AppConfig
+from serve.layouts import LAYOUTS
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "helm" / "ministral-serve"
+CRDS = ROOT / "tests" / "data" / "crds"
+KUBERNETES_VERSION = "1.33.0"
+CRD_FILES = {
+    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+}
+ALL_MONITORING = {
+    "monitoring": {
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboards": {"enabled": True},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> helm.Chart:
+    return helm.Chart.load(CHART)
+
+
+def render(chart: helm.Chart, values: dict | None = None) -> list[dict]:
+    manifests = chart.render(values or {}, name="prod", namespace="llm", is_install=True)
+    return [
+        document
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for document in yaml.safe_load_all(text)
+        if document
+    ]
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+def _go_pattern(validator, pattern: str, instance, schema):
+    """`pattern` as Kubernetes reads it (Go's RE2): a flag group such as (?i) may follow the ^."""
+    if not isinstance(instance, str):
+        return
+    flags = 0
+    if "(?i)" in pattern:
+        pattern, flags = pattern.replace("(?i)", ""), re.IGNORECASE
+    if not re.search(pattern, instance, flags):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+CrdValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"pattern": _go_pattern})
+
+
+@cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.Validator:
+    crd = yaml.safe_load((CRDS / CRD_FILES[api_version, kind]).read_text())
+    version = api_version.split("/")[1]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return CrdValidator(served["schema"]["openAPIV3Schema"])
+
+
+def validate(manifest: dict) -> None:
+    key = (manifest["apiVersion"], manifest["kind"])
+    if key in CRD_FILES:
+        crd_validator(*key).validate(manifest)
+    else:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def workers(rayservice: dict) -> dict:
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+def cpus_asked(application_args: dict) -> float:
+    """Logical CPUs the application's replicas take at most, as Ray counts them."""
+    config = AppConfig.model_validate(application_args)
+    total = 0.0
+    for deployment in (config.deployments.ingress, config.deployments.preprocess, config.deployments.encoder):
+        replicas = deployment.num_replicas or deployment.autoscaling.max_replicas
+        total += replicas * deployment.num_cpus
+    decoder = config.deployments.decoder
+    return total + (decoder.num_replicas or decoder.autoscaling.max_replicas) * decoder.num_cpus
+
+
+def test_the_chart_lints_clean():
+    report = helm.lint(CHART, strict=True)
+    assert report["errors"] == []
+    # Severity 2 is a warning, 3 an error; 1 is advice (an icon).
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_layout_renders_valid_objects_with_the_generated_serve_config(chart, name):
+    objects = render(chart, {"layout": name})
+    assert [o["kind"] for o in objects] == ["RayService"]
+    rayservice = objects[0]
+    validate(rayservice)
+
+    # serveConfigV2 is the generated file, not a re-typed copy, and Ray accepts it.
+    rendered = serve_config(rayservice)
+    assert rendered == yaml.safe_load((ROOT / "serve" / "configs" / f"{name}.yaml").read_text())
+    ServeDeploySchema.model_validate(rendered)
+
+    # The GPU workers hold every GPU of the layout, each TP group inside one pod.
+    layout = LAYOUTS[name]
+    group = workers(rayservice)
+    (container,) = group["template"]["spec"]["containers"]
+    gpus_per_worker = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert group["replicas"] * gpus_per_worker >= layout.gpus
+    assert gpus_per_worker % layout.tensor_parallel == 0
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    # ... and the CPUs that the Serve config's replicas ask (the head offers none).
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    # Ray's control plane asks for a token (KubeRay generates it).
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    worker_cpus = float(container["resources"]["limits"]["cpu"])
+    (application,) = rendered["applications"]
+    assert group["replicas"] * worker_cpus >= cpus_asked(application["args"])
+
+
+def test_gpus_per_worker_split_the_layout_across_pods(chart):
+    group = workers(
+        one(render(chart, {"layout": "4gpu-tp2pp2", "workers": {"gpusPerWorker": 2}}), "RayService")
+    )
+    assert group["replicas"] == 2
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"layout": "5gpu"}, "at '/layout': value must be one of"),
+        ({"model": {"source": None}}, "missing property 'source'"),
+        ({"model": {"source": ""}}, "at '/model/source': minLength"),
+        ({"workers": {"replicas": -1}}, "at '/workers/replicas': minimum: got -1"),
+        ({"workers": {"gpusPerWorker": 0}}, "at '/workers/gpusPerWorker': minimum: got 0"),
+        ({"rayAutoscaling": {"enabled": "yes"}}, "at '/rayAutoscaling/enabled'"),
+        ({"layuot": "1gpu"}, "additional properties 'layuot' not allowed"),
+    ],
+)
+def test_bad_values_fail_with_the_schemas_message(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as failure:
+        chart.render(values, name="prod", namespace="llm")
+    assert message in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"layout": "4gpu-tp", "workers": {"gpusPerWorker": 2}},
+            "tensor-parallel group of 4 GPUs, which must sit in one pod",
+        ),
+        ({"layout": "2gpu-dp", "workers": {"gpusPerWorker": 1, "replicas": 1}}, "needs 2 GPUs: 2 workers"),
+        ({"workers": {"replicas": 2, "maxReplicas": 1}}, "workers.maxReplicas (1) is below"),
+        ({"model": {"source": "/models/m"}}, "set model.cache.persistentVolumeClaim"),
+        (
+            {"model": {"source": "/data/m", "cache": {"persistentVolumeClaim": "models"}}},
+            "not on the model cache volume, mounted at /models",
+        ),
+    ],
+)
+def test_values_that_cannot_place_the_layout_fail_rendering(chart, values, message):
+    with pytest.raises(helm.HelmRenderError) as failure:
+        chart.render(values, name="prod", namespace="llm")
+    assert message in str(failure.value)
+
+
+def test_overrides_are_merged_into_the_generated_config(chart):
+    values = {
+        "layout": "2gpu-dp",
+        "model": {"source": "/models/ministral", "cache": {"persistentVolumeClaim": "model-cache"}},
+        "serveConfig": {
+            "applicationArgs": {"engine": {"max_model_len": 16384}, "encoder": {"cache_bytes": 2**30}}
+        },
+        "apiKeys": {"secretName": "ministral-keys"},
+    }
+    rayservice = one(render(chart, values), "RayService")
+    validate(rayservice)
+    (application,) = serve_config(rayservice)["applications"]
+    generated = yaml.safe_load((ROOT / "serve" / "configs" / "2gpu-dp.yaml").read_text())["applications"][0]
+    expected = json.loads(json.dumps(generated["args"]))
+    expected["engine"]["max_model_len"] = 16384
+    expected["encoder"] = {"cache_bytes": 2**30}
+    expected["model"]["source"] = "/models/ministral"
+    assert application["args"] == expected
+    assert AppConfig.model_validate(application["args"]).encoder.cache_bytes == 2**30
+
+    for group in (rayservice["spec"]["rayClusterConfig"]["headGroupSpec"], workers(rayservice)):
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["HF_HOME"]["value"] == "/models/huggingface"
+        assert env["MINISTRAL_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+            "name": "ministral-keys",
+            "key": "api-keys",
+        }
+        assert "HF_TOKEN" not in env
+        assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/models"}]
+        assert pod["volumes"] == [
+            {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+        ]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("toggle", ["podMonitor", "prometheusRule", "dashboards"])
+def test_each_monitoring_toggle_adds_only_its_objects(chart, toggle):
+    kinds = {"podMonitor": {"PodMonitor"}, "prometheusRule": {"PrometheusRule"}, "dashboards": {"ConfigMap"}}
+    objects = render(chart, {"monitoring": {toggle: {"enabled": True}}})
+    for manifest in objects:
+        validate(manifest)
+    assert {o["kind"] for o in objects} == {"RayService"} | kinds[toggle]
+
+
+def test_the_pod_monitor_selects_every_ray_pod_on_its_metrics_port(chart):
+    objects = render(chart, ALL_MONITORING)
+    selector = one(objects, "PodMonitor")["spec"]["selector"]["matchLabels"]
+    (endpoint,) = one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+        assert selector.items() <= group["template"]["metadata"]["labels"].items()
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": endpoint["port"], "containerPort": 8080} in container["ports"]
+
+
+def test_alert_rules_and_dashboards_are_the_files_of_dashboards(chart):
+    objects = render(chart, ALL_MONITORING)
+    rules = one(objects, "PrometheusRule")["spec"]
+    assert rules == yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    dashboards = {
+        name: text
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["labels"].get("grafana_dashboard") == "1"
+        for name, text in o["data"].items()
+    }
+    files = {path.name: path.read_text() for path in (ROOT / "dashboards").glob("*.json")}
+    assert len(files) >= 3
+    assert dashboards == files
+
+
+def test_the_schema_the_image_and_the_chart_match_the_project():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["layout"]["enum"] == list(LAYOUTS)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["rayVersion"] == ray.__version__
+    chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart_yaml["appVersion"] == project["version"]
+    assert f"ARG RAY_VERSION={ray.__version__}\n" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_validators_refuse_what_a_cluster_would(chart):
+    objects = render(chart, ALL_MONITORING)
+    rayservice = one(objects, "RayService")
+    workers(rayservice)["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rayservice)
+    monitor = one(objects, "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "often"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(monitor)
+    dashboard = one([o for o in objects if o["metadata"]["name"].endswith("overview")], "ConfigMap")
+    dashboard["data"]["overview.json"] = {"not": "a string"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(dashboard)
+
+
+def test_a_packaged_chart_carries_the_files_its_symlinks_point_at(tmp_path):
+    # Operators install from an archive: `helm package` must resolve files/ into it.
+    archive = Path(helm.package(CHART, destination=tmp_path))
+    packaged = helm.Chart.load_archive(archive.read_bytes())
+    names = {entry["name"] for entry in packaged.files}
+    assert "files/serve-configs/cluster-needs.json" in names
+    assert "files/dashboards/overview.json" in names
+    assert not any(name.endswith(".py") for name in names)
+    assert render(packaged, {"layout": "4gpu-dp", **ALL_MONITORING}) == render(
+        helm.Chart.load(CHART), {"layout": "4gpu-dp", **ALL_MONITORING}
+    )
