@@ -10,16 +10,14 @@ integration module runs beside it, in a pytest of its own.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.user_head import UserHead, user_environment
 from tests.polling import wait_for
-from tests.ports import free_port
 
 pytestmark = pytest.mark.own_cluster
 
@@ -27,46 +25,13 @@ ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def user_environment(tmp_path_factory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("user-home")
-    environment = {**os.environ, "HOME": str(home), "TMPDIR": str(home), "RAY_TMPDIR": str(home)}
-    environment.pop("RAY_ADDRESS", None)
-    return environment
-
-
-class UserHead:
-    """`ray start --head` on loopback, as a user starts it."""
-
-    def __init__(self, environment: dict[str, str]):
-        self.record = Path(environment["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
-        self._process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("ray")),
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                f"--port={free_port()}",
-                "--num-cpus=1",
-                "--include-dashboard=false",
-                "--disable-usage-stats",
-            ],
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        """Killed, not `ray stop`ped: the record of the cluster stays behind, as after a crash."""
-        if self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait(timeout=30)
+def environment(tmp_path_factory) -> dict[str, str]:
+    return user_environment(tmp_path_factory.mktemp("user-home"))
 
 
 @pytest.fixture(scope="module")
-def user_head(user_environment):
-    head = UserHead(user_environment)
+def user_head(environment):
+    head = UserHead(environment, "--num-cpus=1", "--include-dashboard=false")
     try:
         assert wait_for(head.record.exists, timeout_s=120), "ray start --head wrote no cluster record"
         yield head
@@ -94,9 +59,9 @@ print(ray.cluster_resources()["GPU"])
 """
 
 
-def test_an_integration_module_passes_beside_a_running_cluster(user_head, user_environment):
+def test_an_integration_module_passes_beside_a_running_cluster(user_head, environment):
     # The hazard is real: a plain ray.init() joins the user's cluster and refuses the suite's resources.
-    joined = python(PLAIN_INIT, user_environment)
+    joined = python(PLAIN_INIT, environment)
     assert joined.returncode != 0
     assert "num_cpus and num_gpus must not be provided" in joined.stderr
 
@@ -113,7 +78,7 @@ def test_an_integration_module_passes_beside_a_running_cluster(user_head, user_e
             "no:cacheprovider",
         ],
         cwd=ROOT,
-        env=user_environment,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=600,
@@ -122,16 +87,16 @@ def test_an_integration_module_passes_beside_a_running_cluster(user_head, user_e
     assert "1 passed" in result.stdout
 
     # Nothing of the suite's landed on the user's cluster.
-    actors = python(SERVE_APPLICATIONS, user_environment)
+    actors = python(SERVE_APPLICATIONS, environment)
     assert actors.returncode == 0, actors.stderr[-3000:]
     assert "SERVE_CONTROLLER_ACTOR" not in actors.stdout
 
 
-def test_the_suites_ray_starts_beside_the_record_of_a_stopped_cluster(user_head, user_environment):
+def test_the_suites_ray_starts_beside_the_record_of_a_stopped_cluster(user_head, environment):
     user_head.stop()
     assert user_head.record.exists()
     # The hazard is real: a plain ray.init() tries the recorded cluster and fails.
-    assert python(PLAIN_INIT, user_environment).returncode != 0
-    own = python(OWN_RAY, user_environment)
+    assert python(PLAIN_INIT, environment).returncode != 0
+    own = python(OWN_RAY, environment)
     assert own.returncode == 0, own.stderr[-3000:]
     assert own.stdout.strip().splitlines()[-1] == "1.0"
