@@ -12,14 +12,13 @@ import asyncio
 import base64
 import binascii
 import io
-import ipaddress
-import socket
 import warnings
-from urllib.parse import urlsplit
+from urllib.parse import urljoin
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deployments.url_guard import FetchPolicy, RefusedUrl, Resolver, checked_target, system_resolver
 from serve.config import AspectRatioPolicy, ImagesConfig
 
 # Formats decoded; anything else Pillow recognises is refused by name.
@@ -34,12 +33,23 @@ class ImageError(ValueError):
     """An image input the service cannot use, described for the client."""
 
 
-async def load_image(url: str, limits: ImagesConfig, http: httpx.AsyncClient) -> Image.Image:
-    """Fetch or unpack the image behind `url` and decode it (RGB, upright, aspect policy applied)."""
+async def load_image(
+    url: str,
+    limits: ImagesConfig,
+    http: httpx.AsyncClient,
+    resolve: Resolver = system_resolver,
+    fetch_slots: asyncio.Semaphore | None = None,
+) -> Image.Image:
+    """Fetch or unpack the image behind `url` and decode it (RGB, upright, aspect policy applied).
+
+    `fetch_slots` caps the URLs fetched at once (data URLs need no slot)."""
     if url.startswith("data:"):
         data = decode_data_url(url, limits.max_image_bytes)
+    elif fetch_slots is None:
+        data = await fetch_url(url, limits, http, resolve)
     else:
-        data = await fetch_url(url, limits, http)
+        async with fetch_slots:
+            data = await fetch_url(url, limits, http, resolve)
     # Decoding is CPU work: off the event loop.
     image = await asyncio.to_thread(decode_image, data, limits.max_image_pixels)
     return apply_aspect_policy(image, limits.aspect_ratio)
@@ -64,62 +74,54 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
-async def fetch_url(url: str, limits: ImagesConfig, http: httpx.AsyncClient) -> bytes:
-    """GET `url` with the configured time, size and redirect limits."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ImageError("image URLs must be http://, https:// or data: URLs")
+async def fetch_url(
+    url: str, limits: ImagesConfig, http: httpx.AsyncClient, resolve: Resolver = system_resolver
+) -> bytes:
+    """GET `url` with the configured time, size and redirect limits, each hop checked by the URL guard."""
     try:
         async with asyncio.timeout(limits.fetch_timeout_s):
-            return await _get(url, limits, http)
+            return await _get(url, limits, http, resolve)
+    except RefusedUrl as e:
+        raise ImageError(f"{_short(url)}: {e}") from e
     except TimeoutError as e:
         raise ImageError(f"fetching {_short(url)} took longer than {limits.fetch_timeout_s} s") from e
-    except httpx.TooManyRedirects as e:
-        raise ImageError(f"fetching {_short(url)} followed more than {limits.max_redirects} redirects") from e
     except httpx.HTTPError as e:
         raise ImageError(f"could not fetch {_short(url)}: {type(e).__name__}: {e}") from e
 
 
-async def _get(url: str, limits: ImagesConfig, http: httpx.AsyncClient) -> bytes:
-    redirects = 0
-    while True:
-        if not limits.allow_private_networks:
-            await _refuse_private_host(url)
-        async with http.stream("GET", url, follow_redirects=False) as response:
-            if response.is_redirect:
-                redirects += 1
-                if redirects > limits.max_redirects:
-                    raise httpx.TooManyRedirects("too many redirects", request=response.request)
-                # Each hop is checked again: a public URL may redirect inward.
-                url = str(response.next_request.url) if response.next_request else url
+async def _get(url: str, limits: ImagesConfig, http: httpx.AsyncClient, resolve: Resolver) -> bytes:
+    policy = FetchPolicy(limits.allow_private_networks, tuple(limits.allowed_hosts))
+    for _hop in range(limits.max_redirects + 1):
+        target = await checked_target(url, policy, resolve)
+        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
+        request = http.build_request(
+            "GET", target.url, headers={"Host": target.host_header}, extensions=extensions
+        )
+        response = await http.send(request, stream=True, follow_redirects=False)
+        try:
+            if response.is_redirect and "location" in response.headers:
+                # Resolved against the URL as the client wrote it, and checked again:
+                # a public URL may redirect inward.
+                url = urljoin(url, response.headers["location"])
                 continue
-            if response.status_code != 200:
-                raise ImageError(f"fetching {_short(url)} returned HTTP {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                raise ImageError(f"image is {declared} bytes; the limit is {limits.max_image_bytes}")
-            body = bytearray()
-            async for piece in response.aiter_bytes():
-                body.extend(piece)
-                if len(body) > limits.max_image_bytes:
-                    raise ImageError(f"image is larger than the {limits.max_image_bytes}-byte limit")
-            return bytes(body)
+            return await _body(response, url, limits.max_image_bytes)
+        finally:
+            await response.aclose()
+    raise ImageError(f"fetching {_short(url)} followed more than {limits.max_redirects} redirects")
 
 
-async def _refuse_private_host(url: str) -> None:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ImageError(f"cannot resolve the host of {_short(url)}: {e.strerror}") from e
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise ImageError(
-                f"{_short(url)} points to a non-public address ({address}); this service does not "
-                "fetch from private networks (images.allow_private_networks)"
-            )
+async def _body(response: httpx.Response, url: str, max_bytes: int) -> bytes:
+    if response.status_code != 200:
+        raise ImageError(f"fetching {_short(url)} returned HTTP {response.status_code}")
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageError(f"image is {declared} bytes; the limit is {max_bytes}")
+    body = bytearray()
+    async for piece in response.aiter_bytes():
+        body.extend(piece)
+        if len(body) > max_bytes:
+            raise ImageError(f"image is larger than the {max_bytes}-byte limit")
+    return bytes(body)
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

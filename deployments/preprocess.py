@@ -20,6 +20,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.image_loading import ImageError, load_image
+from deployments.url_guard import Resolver, system_resolver
 from serve.chat_template import ChatTemplate, PartPosition, image_positions
 from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig, ImagesConfig
@@ -43,9 +44,14 @@ def content_hash(pixels: np.ndarray) -> str:
 class ImageLoader:
     """Fetches and decodes the images of a conversation, all at once."""
 
-    def __init__(self, limits: ImagesConfig):
+    def __init__(self, limits: ImagesConfig, resolve: Resolver = system_resolver):
         self.limits = limits
-        self._http = httpx.AsyncClient(timeout=limits.fetch_timeout_s, trust_env=False)
+        self._resolve = resolve
+        # No kept-alive connections: each fetch connects to the address its URL was checked for.
+        self._http = httpx.AsyncClient(
+            timeout=limits.fetch_timeout_s, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
+        self._fetches = asyncio.Semaphore(limits.max_concurrent_fetches)
 
     async def load(self, messages: list[ChatMessage]) -> dict[PartPosition, Image.Image]:
         positions = image_positions(messages)
@@ -56,7 +62,9 @@ class ImageLoader:
         i, j = position
         part = messages[i].content[j]
         try:
-            image = await load_image(part.image_url.url, self.limits, self._http)
+            image = await load_image(
+                part.image_url.url, self.limits, self._http, self._resolve, self._fetches
+            )
         except ImageError as e:
             param = f"messages[{i}].content[{j}].image_url"
             raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e

@@ -8,10 +8,11 @@ are errors, so a typo fails at deploy time instead of being ignored.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from serve.layouts import check_shape, get_layout
 
@@ -256,7 +257,27 @@ class ImagesConfig(_Strict):
             "address. Off by default so that clients cannot make the service reach internal hosts."
         ),
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Host names image URLs may point to: exact names, or *.example.com for its subdomains. "
+            "Empty: any host whose addresses are public. Private addresses still need "
+            "allow_private_networks."
+        ),
+    )
+    max_concurrent_fetches: int = Field(
+        default=16, ge=1, description="Image URLs one preprocess replica fetches at once; the rest wait."
+    )
     aspect_ratio: AspectRatioPolicy = Field(default_factory=AspectRatioPolicy)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        pattern = re.compile(r"(\*\.)?[a-z0-9-]+(\.[a-z0-9-]+)*\.?")
+        for host in hosts:
+            if not pattern.fullmatch(host):
+                raise ValueError(f"{host!r} is not a lower-case host name or *.domain pattern")
+        return hosts
 
 
 class EncoderConfig(_Strict):

@@ -1,0 +1,269 @@
+"""The image-URL guard: every spelling of a non-public address is refused, and nothing connects anywhere else.
+
+Names resolve through an injected resolver (no DNS). Fetches go through
+`FakeInternet`, a named fake of the public internet: it answers for one
+documented public address from a table, passes loopback connections to the
+real local image server, and fails the test on any other address, so that
+even a broken guard sends no packet off this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import httpx
+import pytest
+
+from deployments.image_loading import ImageError, fetch_url, load_image
+from deployments.url_guard import FetchPolicy, RefusedUrl, checked_target
+from serve.config import ImagesConfig
+from tests.image_server import image_bytes
+
+PUBLIC = "93.184.216.34"
+NAMES = {
+    "localhost": ["127.0.0.1", "::1"],
+    "public.test": [PUBLIC],
+    "rebind.test": ["127.0.0.1"],
+    "metadata.test": ["169.254.169.254"],
+    "intranet.test": ["192.168.1.10"],
+    "mixed.test": [PUBLIC, "10.0.0.1"],
+    "ula.test": ["fd00::1"],
+    "nat64.test": ["64:ff9b::a9fe:a9fe"],
+    "a.cdn.test": [PUBLIC],
+    "cdn.test": [PUBLIC],
+    "evilcdn.test": [PUBLIC],
+}
+
+
+async def resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    if host not in NAMES:
+        raise RefusedUrl(f"cannot resolve {host!r}")
+    return [ipaddress.ip_address(address) for address in NAMES[host]]
+
+
+def target(url: str, policy: FetchPolicy | None = None):
+    return asyncio.run(checked_target(url, policy or FetchPolicy(), resolve))
+
+
+REFUSED = [
+    "http://127.0.0.1/a.png",
+    "http://localhost/a.png",
+    "http://LOCALHOST./a.png",
+    "HTTP://127.0.0.1/a.png",
+    "hTtPs://localhost/a.png",
+    "http://2130706433/a.png",
+    "http://0x7f000001/a.png",
+    "http://0177.0.0.1/a.png",
+    "http://0x7f.1/a.png",
+    "http://127.1/a.png",
+    "http://127.0.0.1./a.png",
+    "http://08.0.0.1/a.png",
+    "http://[::1]/a.png",
+    "http://[::]/a.png",
+    "http://[::ffff:127.0.0.1]/a.png",
+    "http://[::ffff:7f00:1]/a.png",
+    "http://[::127.0.0.1]/a.png",
+    "http://[::8.8.8.8]/a.png",
+    "http://[64:ff9b::7f00:1]/a.png",
+    "http://[64:ff9b::a9fe:a9fe]/a.png",
+    "http://[64:ff9b:1::808:808]/a.png",
+    "http://[2002:7f00:1::]/a.png",
+    "http://[2002:a9fe:a9fe::1]/a.png",
+    "http://[2001::1]/a.png",
+    "http://[fe80::1]/a.png",
+    "http://[fd00::1]/a.png",
+    "http://[ff02::1]/a.png",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/a.png",
+    "http://172.16.0.1/a.png",
+    "http://192.168.1.1/a.png",
+    "http://100.64.0.1/a.png",
+    "http://0.0.0.0/a.png",
+    "http://224.0.0.1/a.png",
+    "http://255.255.255.255/a.png",
+    "http://user:secret@public.test/a.png",
+    "http://public.test@127.0.0.1/a.png",
+    "http://127.0.0.1:80@public.test/a.png",
+    "http://ｌｏｃａｌｈｏｓｔ/a.png",
+    "http://①②⑦.0.0.1/a.png",
+    "http://rebind.test/a.png",
+    "http://metadata.test/a.png",
+    "http://intranet.test/a.png",
+    "http://mixed.test/a.png",
+    "http://ula.test/a.png",
+    "http://nat64.test/a.png",
+    "http://no-such-host.test/a.png",
+    "http://public.test:99999/a.png",
+    "ftp://public.test/a.png",
+    "file:///etc/passwd",
+    "gopher://public.test/",
+    "http:///a.png",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_every_form_of_a_non_public_target_is_refused(url):
+    with pytest.raises(RefusedUrl) as refused:
+        target(url)
+    # Refused for what it is, not because a look-alike name failed to resolve.
+    assert "no-such-host" in url or "cannot resolve" not in str(refused.value)
+
+
+def test_the_refusal_names_the_address_and_the_setting():
+    with pytest.raises(RefusedUrl) as refused:
+        target("http://[64:ff9b::a9fe:a9fe]/a.png")
+    assert str(refused.value) == (
+        "64:ff9b::a9fe:a9fe is a NAT64 address of 169.254.169.254, a link-local address: this service "
+        "fetches images only from public addresses (images.allow_private_networks)"
+    )
+    with pytest.raises(RefusedUrl, match=r"mixed\.test resolves to 10\.0\.0\.1, which is a private address"):
+        target("http://mixed.test/a.png")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://public.test/a.png", ("http://93.184.216.34/a.png", "public.test", None)),
+        (
+            "https://public.test:8443/a.png?v=2#top",
+            ("https://93.184.216.34:8443/a.png?v=2", "public.test:8443", "public.test"),
+        ),
+        ("http://PUBLIC.test./a.png", ("http://93.184.216.34/a.png", "public.test", None)),
+        ("http://8.8.8.8/a.png", ("http://8.8.8.8/a.png", "8.8.8.8", None)),
+        ("https://[2606:4700::1111]/a.png", ("https://[2606:4700::1111]/a.png", "2606:4700::1111", None)),
+        ("http://[::ffff:8.8.8.8]/a.png", ("http://[::ffff:808:808]/a.png", "::ffff:8.8.8.8", None)),
+        ("http://[64:ff9b::808:808]/a.png", ("http://[64:ff9b::808:808]/a.png", "64:ff9b::808:808", None)),
+    ],
+)
+def test_a_public_target_is_fetched_from_the_address_that_was_checked(url, expected):
+    checked = target(url)
+    assert (checked.url, checked.host_header, checked.sni_hostname) == expected
+
+
+def test_private_networks_are_an_opt_in():
+    checked = target("http://localhost:8080/a.png", FetchPolicy(allow_private_networks=True))
+    assert checked.url == "http://127.0.0.1:8080/a.png"
+    assert checked.host_header == "localhost:8080"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("a.cdn.test", True), ("public.test", True), ("cdn.test", False), ("evilcdn.test", False)],
+)
+def test_an_allowlist_limits_the_hosts(host, allowed):
+    policy = FetchPolicy(allowed_hosts=("public.test", "*.cdn.test"))
+    if allowed:
+        assert target(f"http://{host}/a.png", policy).address == ipaddress.ip_address(PUBLIC)
+    else:
+        with pytest.raises(RefusedUrl, match=r"images\.allowed_hosts"):
+            target(f"http://{host}/a.png", policy)
+
+
+def test_the_config_refuses_a_malformed_allowlist():
+    with pytest.raises(ValueError, match="not a lower-case host name"):
+        ImagesConfig(allowed_hosts=["http://example.com"])
+
+
+PNG = image_bytes((8, 6))
+
+
+class FakeInternet(httpx.AsyncBaseTransport):
+    """A fake of the public internet (see the module docstring); records every request it answers."""
+
+    def __init__(self, pages: dict[str, httpx.Response] | None = None, delay_s: float = 0.0):
+        self.pages = pages or {}
+        self.delay_s = delay_s
+        self.requests: list[httpx.Request] = []
+        self.in_flight = self.most_in_flight = 0
+        self._loopback = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        address = ipaddress.ip_address(request.url.host)
+        if address.is_loopback:
+            return await self._loopback.handle_async_request(request)
+        if str(address) != PUBLIC:
+            pytest.fail(f"the guard let a connection to {address} through")
+        self.requests.append(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
+        page = self.pages.get(request.url.path, httpx.Response(200, content=PNG))
+        return httpx.Response(page.status_code, headers=page.headers, content=page.content)
+
+
+def fetch(url: str, internet: FakeInternet, resolver=resolve, limits: ImagesConfig | None = None) -> bytes:
+    async def run():
+        async with httpx.AsyncClient(transport=internet) as http:
+            return await fetch_url(url, limits or ImagesConfig(), http, resolver)
+
+    return asyncio.run(run())
+
+
+def redirect(location: str) -> httpx.Response:
+    return httpx.Response(302, headers={"Location": location})
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://rebind.test/a.png",
+        "http://[::ffff:10.0.0.1]/a.png",
+        "HTTP://0x7f.1/a.png",
+        "file:///etc/passwd",
+    ],
+)
+def test_every_redirect_hop_is_checked(location):
+    internet = FakeInternet({"/hop": redirect(location)})
+    with pytest.raises(ImageError, match=r"only from public addresses|must be http"):
+        fetch("http://public.test/hop", internet)
+    assert [r.url.path for r in internet.requests] == ["/hop"]
+
+
+def test_a_relative_redirect_keeps_the_host_the_client_named():
+    internet = FakeInternet({"/old.png": redirect("/new.png")})
+    assert fetch("http://public.test/old.png", internet) == PNG
+    assert [(r.url.path, r.headers["host"]) for r in internet.requests] == [
+        ("/old.png", "public.test"),
+        ("/new.png", "public.test"),
+    ]
+
+
+def test_a_name_that_rebinds_after_the_check_is_still_fetched_from_the_checked_address():
+    answers = iter([[ipaddress.ip_address(PUBLIC)], [ipaddress.ip_address("127.0.0.1")]])
+
+    async def rebinding(host: str):
+        return next(answers)
+
+    internet = FakeInternet()
+    assert fetch("http://flip.test/a.png", internet, rebinding) == PNG
+    assert [str(r.url) for r in internet.requests] == [f"http://{PUBLIC}/a.png"]
+
+
+def test_the_opted_in_local_image_server_still_works(image_server):
+    url = image_server.add("photo.png", PNG, "image/png")
+    local = ImagesConfig(allow_private_networks=True)
+    assert fetch(url, FakeInternet(), limits=local) == PNG
+    with pytest.raises(ImageError, match="is a loopback address"):
+        fetch(url, FakeInternet())
+
+
+def test_fetches_wait_for_a_slot_beyond_the_cap():
+    internet = FakeInternet(delay_s=0.1)
+    slots = asyncio.Semaphore(2)
+
+    async def run():
+        async with httpx.AsyncClient(transport=internet) as http:
+            return await asyncio.gather(
+                *(
+                    load_image(f"http://public.test/{i}.png", ImagesConfig(), http, resolve, slots)
+                    for i in range(6)
+                )
+            )
+
+    assert [image.size for image in asyncio.run(run())] == [(8, 6)] * 6
+    assert internet.most_in_flight == 2
