@@ -178,6 +178,9 @@ class Encoder:
             "encoder ready on %s (%s), cache %d bytes", device, self._vision.dtype, self._cache.max_bytes
         )
 
+    async def check_health(self) -> None:
+        """Serve's periodic check, and the ingress's /health probe: answering is the check."""
+
     async def encode(self, prompt: PreprocessedRequest) -> ImageTokenEmbeddings:
         embeddings = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
         return ImageTokenEmbeddings(embeddings=torch.cat(embeddings))

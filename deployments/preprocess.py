@@ -88,6 +88,9 @@ class Preprocess:
         self._loader = ImageLoader(config.images)
         self._metrics = PreprocessMetrics()
 
+    async def check_health(self) -> None:
+        """Serve's periodic check, and the ingress's /health probe: answering is the check."""
+
     async def preprocess(
         self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
     ) -> PreprocessedRequest:

@@ -31,6 +31,7 @@ from serve.completions import CompletionOutput
 from serve.config import AppConfig
 from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
 from serve.grammar import GrammarBuilder
+from serve.health import stage_health
 from serve.messages import (
     DecodeChunk,
     DecodeRequest,
@@ -221,9 +222,17 @@ class Ingress:
         return self._engine_info
 
     @app.get("/health")
-    async def health(self) -> dict:
-        await self._info()
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while every stage has a replica that answers its health check; 503 naming those that do not."""
+        stages = {"decoder": self._decoder, "preprocess": self._preprocess, "encoder": self._encoder}
+        states = await stage_health(
+            {name: handle.check_health.remote() for name, handle in stages.items() if handle is not None}
+        )
+        healthy = all(state == "ok" for state in states.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", "stages": states},
+            status_code=200 if healthy else 503,
+        )
 
     @app.get("/v1/models")
     async def models(self) -> ModelList:

@@ -118,7 +118,10 @@ def test_models_and_health(client, service):
     models = client.models.list().data
     assert [m.id for m in models] == [service.model]
     assert models[0].model_extra["max_model_len"] == service.max_model_len
-    assert httpx.get(f"{service.base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{service.base_url}/health", timeout=30).json() == {
+        "status": "ok",
+        "stages": {"decoder": "ok", "preprocess": "ok", "encoder": "ok"},
+    }
 
 
 def test_concurrent_async_streams(service):
