@@ -14,11 +14,8 @@ import os
 from collections.abc import Iterable, Mapping
 from urllib.parse import parse_qsl
 
-from starlette.responses import JSONResponse
-
 from serve.errors import APIError
-from serve.protocol.common import error_payload
-from serve.request_metrics import mark_error
+from serve.request_metrics import error_response
 
 API_KEYS_ENV = "MINISTRAL_API_KEYS"
 # Load balancers and Kubernetes probe these without credentials.
@@ -79,15 +76,6 @@ class ApiKeyMiddleware:
         try:
             check_api_key(authorization, scope.get("query_string", b""), self.keys)
         except Unauthorized as refused:
-            return await _send_refusal(scope, receive, send, refused)
+            response = error_response(scope, refused, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-async def _send_refusal(scope, receive, send, refused: Unauthorized) -> None:
-    mark_error(scope, refused.code)
-    response = JSONResponse(
-        error_payload(refused.message, refused.error_type, refused.param, refused.code),
-        status_code=refused.status_code,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-    await response(scope, receive, send)

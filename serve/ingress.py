@@ -57,7 +57,13 @@ from serve.protocol.completions import (
     TokenizeResponse,
     new_completion_id,
 )
-from serve.request_metrics import RequestMetrics, RequestMetricsMiddleware, mark_error
+from serve.request_metrics import (
+    RequestMetrics,
+    RequestMetricsMiddleware,
+    error_code,
+    error_response,
+    mark_error,
+)
 from serve.sampling import check_token_ids, completion_budget, sampling_settings
 
 logger = logging.getLogger(__name__)
@@ -87,22 +93,9 @@ UNSERVABLE_OPERATIONS = {
 }
 
 
-def error_code(error: APIError) -> str:
-    """The error's label in the request metrics: its OpenAI code, else its type."""
-    return str(error.code or error.error_type)
-
-
-def _error_response(request: Request, error: APIError) -> JSONResponse:
-    mark_error(request.scope, error_code(error))
-    return JSONResponse(
-        error_payload(error.message, error.error_type, error.param, error.code),
-        status_code=error.status_code,
-    )
-
-
 @app.exception_handler(APIError)
 async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return _error_response(request, error)
+    return error_response(request.scope, error)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -121,7 +114,7 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    return _error_response(request, BadRequest(str(error)))
+    return error_response(request.scope, BadRequest(str(error)))
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -15,6 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.responses import JSONResponse
+
+from serve.errors import APIError
 from serve.messages import DecodeChunk
 from serve.metrics import (
     GENERATION_TOKENS,
@@ -28,6 +31,7 @@ from serve.metrics import (
     LiveGauge,
     ray_metric,
 )
+from serve.protocol.common import error_payload
 
 # Paths no route matched (404s) share one label value: a label per path
 # would let any client grow the series without bound.
@@ -47,6 +51,23 @@ def received_at(scope: dict[str, Any]) -> float:
 def mark_error(scope: dict[str, Any], code: str) -> None:
     """The OpenAI error code the request's count carries."""
     scope.setdefault("state", {})["error_code"] = code
+
+
+def error_code(error: APIError) -> str:
+    """The error's label in the request metrics: its OpenAI code, else its type."""
+    return str(error.code or error.error_type)
+
+
+def error_response(
+    scope: dict[str, Any], error: APIError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The OpenAI-shaped answer to `error`, its code marked for the request's count."""
+    mark_error(scope, error_code(error))
+    return JSONResponse(
+        error_payload(error.message, error.error_type, error.param, error.code),
+        status_code=error.status_code,
+        headers=headers,
+    )
 
 
 class RequestMetrics:
