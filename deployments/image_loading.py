@@ -18,7 +18,7 @@ from urllib.parse import urljoin
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deployments.url_guard import FetchPolicy, RefusedUrl, Resolver, checked_target, system_resolver
+from deployments.url_guard import RefusedUrl, Resolver, checked_target, system_resolver
 from serve.config import AspectRatioPolicy, ImagesConfig
 
 # Formats decoded; anything else Pillow recognises is refused by name.
@@ -90,9 +90,8 @@ async def fetch_url(
 
 
 async def _get(url: str, limits: ImagesConfig, http: httpx.AsyncClient, resolve: Resolver) -> bytes:
-    policy = FetchPolicy(limits.allow_private_networks, tuple(limits.allowed_hosts))
     for _hop in range(limits.max_redirects + 1):
-        target = await checked_target(url, policy, resolve)
+        target = await checked_target(url, limits, resolve)
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else {}
         request = http.build_request(
             "GET", target.url, headers={"Host": target.host_header}, extensions=extensions

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from serve.config import ImagesConfig
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str], Awaitable[list[Address]]]
 
@@ -31,13 +33,6 @@ _NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}",
 
 class RefusedUrl(ValueError):
     """A URL the service will not fetch, with the reason for the client."""
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    allow_private_networks: bool = False
-    # Host names (exact, or *.domain for its subdomains); empty: any public host.
-    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,14 +90,13 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4A
 
 def literal_address(host: str) -> Address | None:
     """The address `host` spells out, in any form a resolver would read as one; None for a name."""
-    bare = host[:-1] if host.endswith(".") else host
     try:
-        return ipaddress.ip_address(bare)
+        return ipaddress.ip_address(host)
     except ValueError:
         pass
-    if _NUMERIC_HOST.fullmatch(bare):
+    if _NUMERIC_HOST.fullmatch(host):
         try:
-            return ipaddress.IPv4Address(socket.inet_aton(bare))
+            return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             raise RefusedUrl(f"{host!r} is neither an IP address nor a host name") from None
     return None
@@ -116,7 +110,7 @@ def ascii_host(hostname: str) -> str:
         raise RefusedUrl(f"{hostname!r} is not a valid host name") from e
 
 
-def host_allowed(host: str, allowed_hosts: tuple[str, ...]) -> bool:
+def host_allowed(host: str, allowed_hosts: list[str]) -> bool:
     if not allowed_hosts:
         return True
     name = host.rstrip(".")
@@ -135,8 +129,9 @@ async def system_resolver(host: str) -> list[Address]:
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
-async def checked_target(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) -> FetchTarget:
-    """Where to send a GET for `url`, or RefusedUrl saying why it may not be fetched."""
+async def checked_target(url: str, limits: ImagesConfig, resolve: Resolver = system_resolver) -> FetchTarget:
+    """Where to send a GET for `url` (limits.allowed_hosts and .allow_private_networks apply),
+    or RefusedUrl saying why it may not be fetched."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise RefusedUrl("image URLs must be http://, https:// or data: URLs")
@@ -150,7 +145,7 @@ async def checked_target(url: str, policy: FetchPolicy, resolve: Resolver = syst
         raise RefusedUrl(f"the image URL's port is not valid: {e}") from e
     # A trailing dot (an absolute name) names the same host.
     host = ascii_host(parts.hostname).removesuffix(".")
-    if not host_allowed(host, policy.allowed_hosts):
+    if not host_allowed(host, limits.allowed_hosts):
         raise RefusedUrl(
             f"{host} is not one of the hosts this service fetches images from (images.allowed_hosts)"
         )
@@ -158,7 +153,7 @@ async def checked_target(url: str, policy: FetchPolicy, resolve: Resolver = syst
     addresses = [literal] if literal is not None else await resolve(host)
     if not addresses:
         raise RefusedUrl(f"{host} resolves to no address")
-    if not policy.allow_private_networks:
+    if not limits.allow_private_networks:
         for address in addresses:
             reason = non_public_reason(address)
             if reason:

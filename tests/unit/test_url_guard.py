@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from deployments.image_loading import ImageError, fetch_url, load_image
-from deployments.url_guard import FetchPolicy, RefusedUrl, checked_target
+from deployments.url_guard import RefusedUrl, checked_target
 from serve.config import ImagesConfig
 from tests.image_server import image_bytes
 
@@ -42,8 +42,8 @@ async def resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Addre
     return [ipaddress.ip_address(address) for address in NAMES[host]]
 
 
-def target(url: str, policy: FetchPolicy | None = None):
-    return asyncio.run(checked_target(url, policy or FetchPolicy(), resolve))
+def target(url: str, limits: ImagesConfig | None = None):
+    return asyncio.run(checked_target(url, limits or ImagesConfig(), resolve))
 
 
 REFUSED = [
@@ -142,7 +142,7 @@ def test_a_public_target_is_fetched_from_the_address_that_was_checked(url, expec
 
 
 def test_private_networks_are_an_opt_in():
-    checked = target("http://localhost:8080/a.png", FetchPolicy(allow_private_networks=True))
+    checked = target("http://localhost:8080/a.png", ImagesConfig(allow_private_networks=True))
     assert checked.url == "http://127.0.0.1:8080/a.png"
     assert checked.host_header == "localhost:8080"
 
@@ -152,12 +152,12 @@ def test_private_networks_are_an_opt_in():
     [("a.cdn.test", True), ("public.test", True), ("cdn.test", False), ("evilcdn.test", False)],
 )
 def test_an_allowlist_limits_the_hosts(host, allowed):
-    policy = FetchPolicy(allowed_hosts=("public.test", "*.cdn.test"))
+    limits = ImagesConfig(allowed_hosts=["public.test", "*.cdn.test"])
     if allowed:
-        assert target(f"http://{host}/a.png", policy).address == ipaddress.ip_address(PUBLIC)
+        assert target(f"http://{host}/a.png", limits).address == ipaddress.ip_address(PUBLIC)
     else:
         with pytest.raises(RefusedUrl, match=r"images\.allowed_hosts"):
-            target(f"http://{host}/a.png", policy)
+            target(f"http://{host}/a.png", limits)
 
 
 def test_the_config_refuses_a_malformed_allowlist():
