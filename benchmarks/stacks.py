@@ -70,6 +70,9 @@ class Server:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.environment(), SERVER_MARK: self._mark},
                 process_group=0,
+                # stop() asks for a clean shutdown with SIGINT, which a runner started
+                # in the background (`cmd &`, nohup) passes on ignored.
+                preexec_fn=_default_sigint,
             )
         self._wait_ready()
 
@@ -233,6 +236,10 @@ def engine_cpu_environment(engine: EngineConfig) -> dict[str, str]:
     """What vLLM's CPU backend reads at start-up, for an engine of this config on this machine's cores."""
     cores = usable_cores()
     return cpu_environment(engine, engine_parallelism(engine, on_gpu=False, cpu_cores=len(cores)), cores)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _marked_processes(mark: str) -> list[int]:

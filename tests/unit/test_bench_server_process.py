@@ -9,6 +9,7 @@ a session of its own.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -72,3 +73,16 @@ def test_stop_spares_processes_of_another_server(tmp_path):
             pass
         assert _alive(second_child)
         assert second._process.poll() is None
+
+
+def test_stop_shuts_a_server_down_cleanly_even_when_the_runner_ignores_sigint(tmp_path):
+    # A runner started in the background (`make bench &`, nohup) has SIGINT ignored,
+    # and its children would inherit that: stop() would wait out its grace and SIGKILL.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        server = TinyServer(free_port(), tmp_path)
+        with server:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert server._process.returncode == -signal.SIGINT
