@@ -110,7 +110,7 @@ class Server:
         # What the server left behind: Ray workers and vLLM's engine processes
         # run in process groups of their own, and some outlive their parents;
         # all of them inherit the server's environment.
-        for pid in _marked_processes(f"{SERVER_MARK}={self._mark}"):
+        for pid in marked_processes(f"{SERVER_MARK}={self._mark}"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -242,7 +242,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _marked_processes(mark: str) -> list[int]:
+def marked_processes(mark: str) -> list[int]:
     """The processes whose environment holds `mark` (a NAME=value entry)."""
     wanted = mark.encode()
     marked = []

@@ -17,6 +17,7 @@ import openai
 import pytest
 import yaml
 
+from benchmarks.stacks import marked_processes
 from tests.integration.user_head import RAY, UserHead, user_environment
 from tests.polling import wait_for
 from tests.ports import free_port
@@ -70,7 +71,8 @@ def walkthrough(tmp_path_factory):
         assert shutdown.returncode == 0, shutdown.stderr
     finally:
         head.stop()
-        run([str(RAY), "stop", "--force"], environment, timeout_s=120)
+    # Nothing of this head is left, and nothing else was touched (no `ray stop`).
+    assert wait_for(lambda: not marked_processes(f"RAY_TMPDIR={home}"), timeout_s=30)
 
 
 def test_a_deployed_demo_answers_a_chat_request_with_its_key(walkthrough):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.stacks import marked_processes
 from tests.ports import free_port
 
 RAY = Path(sys.executable).with_name("ray")
@@ -24,7 +26,8 @@ class UserHead:
     """A Ray head started with `ray start --head --block`, stopped by its process group."""
 
     def __init__(self, environment: dict[str, str], *options: str):
-        self.record = Path(environment["RAY_TMPDIR"]) / "ray" / "ray_current_cluster"
+        self._temp_dir = environment["RAY_TMPDIR"]
+        self.record = Path(self._temp_dir) / "ray" / "ray_current_cluster"
         self.log = Path(environment["RAY_TMPDIR"]) / "ray-start.log"
         with self.log.open("wb") as log:
             self._process = subprocess.Popen(
@@ -49,7 +52,13 @@ class UserHead:
         return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        """Killed, not `ray stop`ped: the record of the cluster stays behind, as after a crash."""
+        """Killed, not `ray stop`ped: the record of the cluster stays behind, as after a crash.
+
+        Every process of this head goes, found by the temp folder in its
+        environment; `ray stop` would also stop any other Ray on the machine."""
         if self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(timeout=30)
+        for pid in marked_processes(f"RAY_TMPDIR={self._temp_dir}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
