@@ -3,7 +3,7 @@ PORT ?= 8000
 METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint bench
+.PHONY: serve test test-fast lint bench soak
 
 serve:
 	scripts/install.sh cpu
@@ -27,3 +27,9 @@ lint:
 bench:
 	scripts/install.sh cpu,bench
 	.venv/bin/ministral-serve bench $(BENCH_ARGS)
+
+# A bounded soak of the CPU demo: mixed text and image load, every request accounted for (docs/reliability.md).
+# SOAK_ARGS: --minutes (5), --concurrency (8).
+soak:
+	scripts/install.sh cpu,bench
+	.venv/bin/python -m benchmarks.soak $(SOAK_ARGS)

@@ -54,6 +54,11 @@ class Server:
         self._process: subprocess.Popen | None = None
         self._mark = f"{os.getpid()}-{port}"
 
+    @property
+    def process_mark(self) -> str:
+        """The NAME=value entry in the environment of every process the server starts."""
+        return f"{SERVER_MARK}={self._mark}"
+
     def command(self) -> list[str]:
         raise NotImplementedError
 
@@ -110,7 +115,7 @@ class Server:
         # What the server left behind: Ray workers and vLLM's engine processes
         # run in process groups of their own, and some outlive their parents;
         # all of them inherit the server's environment.
-        for pid in marked_processes(f"{SERVER_MARK}={self._mark}"):
+        for pid in marked_processes(self.process_mark):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

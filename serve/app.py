@@ -46,4 +46,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
             "preprocess": Preprocess.options(**stages.preprocess.serve_options()).bind(config),
             "encoder": Encoder.options(**stages.encoder.serve_options()).bind(config),
         }
-    return Ingress.options(**stages.ingress.serve_options()).bind(config, decoder, **image_stages)
+    # Past the ingress's own queue, Serve's proxy answers: a 429 too, with Retry-After.
+    backpressure = {"status_code": 429, "retry_after_s": config.limits.retry_after_s}
+    ingress = Ingress.options(**stages.ingress.serve_options(), backpressure_config=backpressure)
+    return ingress.bind(config, decoder, **image_stages)

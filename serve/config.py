@@ -149,6 +149,31 @@ class DeploymentConfig(_Strict):
     max_ongoing_requests: int = Field(
         default=256, ge=1, description="Requests one replica accepts before Serve queues them."
     )
+    max_queued_requests: int | None = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Requests queued for this stage (in each calling replica) while all its replicas hold "
+            "max_ongoing_requests. Beyond them the client gets a 429 with Retry-After at once, "
+            "instead of a latency without bound. null: no bound."
+        ),
+    )
+    health_check_period_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "How often Serve checks each replica (Ray's default is 10 s): a replica that died is "
+            "noticed, and replaced, within about this long."
+        ),
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "How long a replica being stopped (scale-down, redeploy, shutdown) keeps serving the "
+            "requests it holds before it is killed; it takes no new ones meanwhile."
+        ),
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> DeploymentConfig:
@@ -163,6 +188,9 @@ class DeploymentConfig(_Strict):
         options: dict = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": -1 if self.max_queued_requests is None else self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
         }
         if self.autoscaling is not None:
             options["autoscaling_config"] = self.autoscaling.model_dump()
@@ -173,7 +201,8 @@ class DeploymentConfig(_Strict):
 
 class DeploymentsConfig(_Strict):
     ingress: DeploymentConfig = Field(
-        default_factory=DeploymentConfig,
+        # Requests it cannot take wait in Serve's proxy, which answers 429 past the queue.
+        default_factory=lambda: DeploymentConfig(max_ongoing_requests=1024, max_queued_requests=1024),
         description="HTTP ingress: validation, chat templating of text-only requests, SSE framing.",
     )
     preprocess: DeploymentConfig = Field(
@@ -343,8 +372,54 @@ class StreamingConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
+    """What one request may ask for and how long it may take (checked by serve/limits.py).
+
+    Each limit refused is a 4xx whose message names the limit, so that a
+    client sees which setting it ran into and an operator which to raise.
+    """
+
     max_request_bytes: int = Field(
-        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted, in bytes."
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body accepted, in bytes; enforced while the body is read. It must "
+            "hold an image of images.max_image_bytes sent as a base64 data URL."
+        ),
+    )
+    max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
+    max_content_parts: int = Field(
+        default=2048, ge=1, description="Most content parts (text and images) over all messages of a request."
+    )
+    max_choices: int = Field(default=16, ge=1, description="Largest `n` (choices generated per request).")
+    max_stop_sequences: int = Field(default=16, ge=0, description="Most stop sequences in one request.")
+    max_stop_sequence_chars: int = Field(
+        default=256, ge=1, description="Longest stop sequence, in characters."
+    )
+    max_tools: int = Field(default=128, ge=0, description="Most tools in one chat request (OpenAI's limit).")
+    max_schema_bytes: int = Field(
+        default=64 * 1024,
+        ge=64,
+        description="Largest JSON Schema (a tool's parameters or response_format's schema), as compact JSON.",
+    )
+    max_schema_depth: int = Field(
+        default=64,
+        ge=2,
+        description=(
+            "Deepest nesting of JSON objects and arrays in one JSON Schema (an object property "
+            "nested in another takes two: `properties` and the property's schema)."
+        ),
+    )
+    max_logit_bias: int = Field(default=300, ge=0, description="Most logit_bias entries (OpenAI's limit).")
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Longest a generation request may run, from its arrival to its last token. Past it the "
+            "engine request is aborted and the client gets a 504 (or an error event when streaming)."
+        ),
+    )
+    retry_after_s: int = Field(
+        default=1, ge=0, description="The Retry-After (seconds) sent with a 429 when a stage's queue is full."
     )
 
 
@@ -415,6 +490,20 @@ class AppConfig(_Strict):
             self.engine.pipeline_parallel_size,
             gpus_per_node=self.gpus_per_node,
         )
+        return self
+
+    @model_validator(mode="after")
+    def _an_image_fits_in_a_request(self) -> AppConfig:
+        if self.images.max_images_per_request == 0:
+            return self
+        # A data URL carries the image base64-encoded: 4 characters per 3 bytes, plus its header.
+        data_url_bytes = 4 * -(-self.images.max_image_bytes // 3) + len("data:image/jpeg;base64,")
+        if data_url_bytes > self.limits.max_request_bytes:
+            raise ValueError(
+                f"images.max_image_bytes ({self.images.max_image_bytes}) is {data_url_bytes} bytes as a "
+                f"data URL, more than limits.max_request_bytes ({self.limits.max_request_bytes}) lets "
+                "through: lower the first or raise the second"
+            )
         return self
 
     @model_validator(mode="after")

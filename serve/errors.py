@@ -2,7 +2,8 @@
 
 Client mistakes are `APIError` subclasses raised anywhere on the request path;
 the ingress turns them into `{"error": {...}}` JSON with their status code. A
-stage that is down becomes 503; anything else is logged once and becomes 500.
+stage whose queue is full becomes 429, a stage that is down 503, a request
+past its time limit 504; anything else is logged once and becomes 500.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers the error response carries."""
+        return None
 
 
 class BadRequest(APIError):
@@ -39,6 +45,26 @@ class ModelNotFound(APIError):
 class RequestTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
+
+
+class TooManyRequests(APIError):
+    """A stage's queue is full: come back after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class RequestTimeout(APIError):
+    status_code = 504
+    error_type = "timeout_error"
 
 
 class ServiceUnavailable(APIError):

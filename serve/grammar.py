@@ -12,13 +12,20 @@ llguidance inside vLLM. What this module adds:
   inside the JSON and never finishes;
 - the `[THINK]` branch only for reasoning checkpoints (`model.reasoning`);
 - every schema is compiled before the request reaches the engine, so a bad
-  one is a 400 naming the field, not an engine error.
+  one is a 400 naming the field, not an engine error;
+- `CompiledGrammars`: compilation runs off the event loop (llguidance
+  releases the GIL), in a small pool so that a flood of schemas cannot take
+  every core, and its outcome is kept by what it was compiled from, so a
+  client that sends the same tools on every turn compiles them once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
+from collections import OrderedDict
+from concurrent.futures import Executor
 from typing import Any
 
 from serve.errors import BadRequest
@@ -136,3 +143,41 @@ class GrammarBuilder:
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._factory.llg_tokenizer)
         if is_error:
             raise BadRequest(f"{param}: cannot be enforced: {messages[0]}", param=param)
+
+
+# What a chat request's grammar is compiled from.
+_GRAMMAR_FIELDS = {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
+
+
+class CompiledGrammars:
+    """`GrammarBuilder.for_chat` off the event loop, its outcomes (grammar or refusal) cached by input."""
+
+    def __init__(self, builder: GrammarBuilder, executor: Executor, max_entries: int = 256):
+        self._builder = builder
+        self._executor = executor
+        self._max_entries = max_entries
+        self._outcomes: OrderedDict[str, str | BadRequest | None] = OrderedDict()
+
+    async def for_chat(self, request: ChatCompletionRequest) -> str | None:
+        response_format = request.response_format
+        if not request.tools and (response_format is None or response_format.type == "text"):
+            return None
+        key = request.model_dump_json(include=_GRAMMAR_FIELDS)
+        if key in self._outcomes:
+            self._outcomes.move_to_end(key)
+            outcome = self._outcomes[key]
+        else:
+            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._compile, request)
+            self._outcomes[key] = outcome
+            if len(self._outcomes) > self._max_entries:
+                self._outcomes.popitem(last=False)
+        if isinstance(outcome, BadRequest):
+            # A new exception each time: a cached one would grow its traceback on every raise.
+            raise BadRequest(outcome.message, param=outcome.param, code=outcome.code)
+        return outcome
+
+    def _compile(self, request: ChatCompletionRequest) -> str | BadRequest | None:
+        try:
+            return self._builder.for_chat(request)
+        except BadRequest as refused:
+            return refused

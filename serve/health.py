@@ -1,35 +1,28 @@
-"""/health: every stage must have a replica that answers, asked afresh on each call."""
+"""/health: every stage must have a running replica, in Serve's own view, asked afresh on each call.
+
+Serve's controller checks each replica itself (its `check_health`, every
+`health_check_period_s`) and replaces one that died or fails the check, so
+its count of running replicas is the truth, at most one period late. It is
+read from the controller rather than by calling the stages: a call would
+wait in the stage's queue, so a stage at full load would look dead.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable
+from collections.abc import Mapping
 
-logger = logging.getLogger(__name__)
-
-# Long enough for a busy replica to answer, short enough for a load balancer's probe.
-PROBE_TIMEOUT_S = 2.0
+RUNNING = "RUNNING"
 
 
-async def stage_health(
-    probes: dict[str, Awaitable[object]], timeout_s: float = PROBE_TIMEOUT_S
-) -> dict[str, str]:
-    """Each stage's state: "ok" when its probe answered within `timeout_s`, else what went wrong."""
-
-    async def state(stage: str, probe: Awaitable[object]) -> str:
-        async def answered() -> object:
-            return await probe
-
-        try:
-            await asyncio.wait_for(answered(), timeout_s)
-        except TimeoutError:
-            logger.warning("health: the %s stage did not answer within %s s", stage, timeout_s)
-            return f"no replica answered within {timeout_s} s"
-        except Exception as e:
-            logger.warning("health: the %s stage failed its check: %s", stage, e)
-            return f"unavailable ({type(e).__name__})"
-        return "ok"
-
-    states = await asyncio.gather(*(state(stage, probe) for stage, probe in probes.items()))
-    return dict(zip(probes, states, strict=True))
+def stage_states(replicas: Mapping[str, Mapping[str, int] | None]) -> dict[str, str]:
+    """Each stage's state from its replica counts by state (None: Serve knows no such deployment)."""
+    states = {}
+    for stage, counts in replicas.items():
+        if counts is None:
+            states[stage] = "not deployed"
+        elif counts.get(RUNNING, 0) > 0:
+            states[stage] = "ok"
+        else:
+            others = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()) if n) or "none"
+            states[stage] = f"no running replica ({others})"
+    return states

@@ -1,18 +1,27 @@
 """Ingress: the OpenAI-compatible HTTP API in front of the stages.
 
-A chat request goes: validate (serve.protocol) -> grammar for tools / JSON
-(serve.grammar) -> chat template (serve.chat_template, in this process
-for text; the Preprocess deployment for images, then the Encoder) -> Decoder
-(vLLM), whose typed chunks become one JSON body or server-sent events
-(serve.chat). Completions skip the template (serve.completions).
+A chat request goes: read the body within limits.max_request_bytes
+(serve.limits) -> validate (serve.protocol) and check the request limits
+(serve.limits) -> grammar for tools / JSON (serve.grammar) -> chat template
+(serve.chat_template, in this process for text; the Preprocess deployment
+for images, then the Encoder) -> Decoder (vLLM), whose typed chunks, once the
+first has arrived and within limits.request_timeout_s (serve.streams), become
+one JSON body or server-sent events (serve.chat). Completions skip the
+template (serve.completions).
+
+A full stage queue is a 429 with Retry-After; a preprocess or encoder
+replica lost mid-request is retried once (both stages are idempotent); a
+decoder lost mid-request ends the request with a 503 or an error event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -29,9 +38,10 @@ from serve.chat_template import ChatTemplate, image_positions
 from serve.checkpoint import open_checkpoint, reasoning_enabled
 from serve.completions import CompletionOutput
 from serve.config import AppConfig
-from serve.errors import APIError, BadRequest, ModelNotFound, RequestTooLarge, ServiceUnavailable
-from serve.grammar import GrammarBuilder
-from serve.health import stage_health
+from serve.errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, TooManyRequests
+from serve.grammar import CompiledGrammars, GrammarBuilder
+from serve.health import stage_states
+from serve.limits import check_limits, read_body
 from serve.messages import (
     DecodeChunk,
     DecodeRequest,
@@ -63,8 +73,10 @@ from serve.request_metrics import (
     error_code,
     error_response,
     mark_error,
+    received_at,
 )
 from serve.sampling import check_token_ids, completion_budget, sampling_settings
+from serve.streams import started, until_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +87,16 @@ app.add_middleware(RequestMetricsMiddleware)
 
 # OpenAI's legacy completions default.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+# Characters of text above which tokenisation leaves the event loop: below,
+# the thread hop costs more than the tokeniser.
+TOKENIZE_INLINE_CHARS = 16_384
+
+# Tries of an idempotent stage (preprocess, encoder) whose replica was lost.
+STAGE_ATTEMPTS = 2
+
+# Served paths under /v1 (with another method, they are a 405, not a 404).
+SERVED_OPERATIONS = {"chat/completions", "completions", "models"}
 
 # OpenAI paths for what a text-generating vision-language model cannot do.
 UNSERVABLE_OPERATIONS = {
@@ -100,11 +122,10 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    message = (
-        f"{request.method} {request.url.path} is not an endpoint of this service"
-        if error.status_code in (404, 405)
-        else str(error.detail)
-    )
+    message = {
+        404: f"{request.method} {request.url.path} is not an endpoint of this service",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(error.status_code, str(error.detail))
     mark_error(request.scope, str(error.status_code))
     return JSONResponse(
         error_payload(message, "invalid_request_error", None, error.status_code),
@@ -118,16 +139,17 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 Body = TypeVar("Body", bound=BaseModel)
+Reply = TypeVar("Reply")
 
 
-def parse_body(raw: bytes, max_bytes: int, schema: type[Body] = ChatCompletionRequest) -> Body:
+def parse_body(raw: bytes, schema: type[Body] = ChatCompletionRequest) -> Body:
     """Decode and validate a request body, naming the offending field on failure."""
-    if len(raw) > max_bytes:
-        raise RequestTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRequest("request body is nested too deeply to parse", code="limit_exceeded") from e
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
     try:
@@ -145,34 +167,72 @@ def _field_and_message(error: dict) -> tuple[str | None, str]:
     return error_param(error["loc"]), error["msg"]
 
 
-def _stage_error(error: Exception, stage: str) -> APIError:
-    """What a failure in a downstream stage means to the client."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+def _root_cause(error: BaseException) -> BaseException:
+    """A stage's own error, unwrapped: it arrives wrapped once per hop (encoder -> decoder -> here)."""
+    from ray.exceptions import RayTaskError
 
-    # A stage's own error arrives wrapped once per hop (encoder -> decoder -> here).
     while isinstance(error, RayTaskError) and isinstance(error.cause, Exception):
         error = error.cause
-    if isinstance(error, APIError):
-        return error
-    unavailable = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ObjectLostError)
-    if isinstance(error, unavailable):
+    return error
+
+
+def _replica_lost(error: BaseException) -> bool:
+    """Whether `error` means the replica (or an object it held) went away, not that the request was bad."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    lost = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ObjectLostError)
+    return isinstance(_root_cause(error), lost)
+
+
+async def _lost_its_replica(response: DeploymentResponse) -> bool:
+    """Whether a stage's call failed because its replica was lost.
+
+    Only asked once a later stage has failed: awaiting fetches the stage's
+    result into this process, which the normal path never does."""
+    try:
+        await response
+    except Exception as e:
+        return _replica_lost(e)
+    return False
+
+
+def _text_chars(messages: list[ChatMessage]) -> int:
+    return sum(
+        len(message.content) if isinstance(message.content, str) else len(message.content or ())
+        for message in messages
+    )
+
+
+def _stage_error(error: Exception, stage: str, retry_after_s: int) -> APIError:
+    """What a failure in a downstream stage means to the client."""
+    from ray.serve.exceptions import BackPressureError
+
+    cause = _root_cause(error)
+    if isinstance(cause, APIError):
+        return cause
+    if _replica_lost(cause):
         # The client's 503 says only "retry"; the operator's log says why.
-        logger.warning("%s stage unavailable: %s", stage, error)
+        logger.warning("%s stage unavailable: %s", stage, cause)
         return ServiceUnavailable(f"the {stage} stage is unavailable; retry shortly")
-    if isinstance(error, BackPressureError):
-        return ServiceUnavailable(f"the {stage} stage is at capacity; retry shortly", code="overloaded")
-    logger.exception("%s stage failed", stage, exc_info=error)
+    if isinstance(cause, BackPressureError):
+        return TooManyRequests(
+            f"the {stage} stage is at capacity (its queue is full); retry after {retry_after_s} s",
+            retry_after_s=retry_after_s,
+        )
+    logger.exception("%s stage failed", stage, exc_info=cause)
     return APIError(f"internal error in the {stage} stage")
 
 
-async def _guarded_events(events: AsyncIterator[str], request_id: str, scope: dict) -> AsyncIterator[str]:
+async def _guarded_events(
+    events: AsyncIterator[str], request_id: str, scope: dict, retry_after_s: int
+) -> AsyncIterator[str]:
     """A stream that fails mid-way ends with an OpenAI-shaped error event, not a cut connection."""
     try:
         async for event in events:
             yield event
     except Exception as e:
-        error = _stage_error(e, "decoder")
+        error = _stage_error(e, "decoder", retry_after_s)
         logger.warning("stream %s failed: %s", request_id, error.message)
         mark_error(scope, error_code(error))
         yield sse(json.dumps(error_payload(error.message, error.error_type, error.param, error.code)))
@@ -198,10 +258,16 @@ class Ingress:
         checkpoint = open_checkpoint(config.model, weights=False)
         self._template = ChatTemplate.from_config(checkpoint, config)
         self._reasoning = reasoning_enabled(config.model, checkpoint)
-        self._grammar = GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning)
+        # Grammar compilation and long tokenisations: off the event loop, so
+        # that one pathological request does not stall every other stream here.
+        self._cpu_work = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingress-cpu")
+        self._grammars = CompiledGrammars(
+            GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning), self._cpu_work
+        )
         self._model_name = config.model.name
         self._created = int(time.time())
         self._engine_info: EngineInfo | None = None
+        self._engine_info_asked = asyncio.Lock()
         self._metrics = RequestMetricsMiddleware.metrics = RequestMetrics(self._model_name)
         ApiKeyMiddleware.keys = api_keys(key.get_secret_value() for key in config.auth.api_keys)
         if ApiKeyMiddleware.keys:
@@ -209,17 +275,31 @@ class Ingress:
 
     async def _info(self) -> EngineInfo:
         # The decoder's resolved settings are the truth (vLLM may derive
-        # max_model_len from the checkpoint); ask once.
-        if self._engine_info is None:
-            self._engine_info = await self._decoder.engine_info.remote()
+        # max_model_len from the checkpoint); ask once, for every request
+        # that arrives before the answer.
+        if self._engine_info is not None:
+            return self._engine_info
+        async with self._engine_info_asked:
+            if self._engine_info is None:
+                try:
+                    self._engine_info = await self._decoder.engine_info.remote()
+                except Exception as e:
+                    raise _stage_error(e, "decoder", self._config.limits.retry_after_s) from e
         return self._engine_info
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 while every stage has a replica that answers its health check; 503 naming those that do not."""
+        """200 while every stage has a running replica (serve.health); 503 naming those that do not."""
         stages = {"decoder": self._decoder, "preprocess": self._preprocess, "encoder": self._encoder}
-        states = await stage_health(
-            {name: handle.check_health.remote() for name, handle in stages.items() if handle is not None}
+        deployments = {name: handle.deployment_name for name, handle in stages.items() if handle is not None}
+        status = await asyncio.to_thread(serve.status)
+        application = status.applications.get(serve.get_replica_context().app_name)
+        found = application.deployments if application is not None else {}
+        states = stage_states(
+            {
+                stage: found[name].replica_states if name in found else None
+                for stage, name in deployments.items()
+            }
         )
         healthy = all(state == "ok" for state in states.values())
         return JSONResponse(
@@ -236,7 +316,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, http_request: Request) -> Response:
         request = await self._parse(http_request, ChatCompletionRequest)
-        grammar = self._grammar.for_chat(request)
+        grammar = await self._grammars.for_chat(request)
         prompt, preprocess_response = await self._preprocessed(request.messages, request.tools)
         info = await self._info()
         max_tokens = completion_budget(
@@ -245,8 +325,6 @@ class Ingress:
             info,
             field=request.completion_token_field,
         )
-        # Not awaited: the embeddings go from the encoder to the decoder directly.
-        images = self._encoder.encode.remote(preprocess_response) if prompt.images else None
         decode = DecodeRequest(
             request_id=new_chat_completion_id(),
             prompt_token_ids=prompt.prompt_token_ids,
@@ -259,24 +337,21 @@ class Ingress:
             ),
             parsing=self._chat_parsing(request),
         )
-        if images is not None:
+        if prompt.images:
             self._metrics.image_request()
-        chunks = self._generate(decode, http_request, images)
+        chunks = await self._generate(decode, http_request, preprocess_response if prompt.images else None)
         output = ChatOutput(request, decode, self._model_name, info.system_fingerprint)
         if request.stream:
             return self._stream(output.events(chunks), decode.request_id, http_request)
-        try:
-            response = await output.response(chunks)
-        except Exception as e:
-            raise _stage_error(e, "decoder") from e
-        return JSONResponse(response.model_dump())
+        return JSONResponse((await self._decoded(output.response(chunks))).model_dump())
 
     @app.post("/v1/completions")
     async def completions(self, http_request: Request) -> Response:
         request = await self._parse(http_request, CompletionRequest)
         info = await self._info()
         if isinstance(request.prompt, str):
-            prompt_ids, prompt_text = self._template.encode_text(request.prompt), request.prompt
+            prompt_text = request.prompt
+            prompt_ids = await self._tokenized(len(prompt_text), self._template.encode_text, prompt_text)
         else:
             check_token_ids(request.prompt, info, "prompt")
             prompt_ids, prompt_text = request.prompt, self._template.decode(request.prompt)
@@ -293,25 +368,24 @@ class Ingress:
                 prompt_logprobs=request.logprobs if request.echo else None,
             ),
         )
-        chunks = self._generate(decode, http_request)
+        chunks = await self._generate(decode, http_request)
         output = CompletionOutput(request, decode, self._model_name, info.system_fingerprint, prompt_text)
         if request.stream:
             return self._stream(output.events(chunks), decode.request_id, http_request)
-        try:
-            response = await output.response(chunks)
-        except Exception as e:
-            raise _stage_error(e, "decoder") from e
-        return JSONResponse(response.model_dump())
+        return JSONResponse((await self._decoded(output.response(chunks))).model_dump())
 
     @app.post("/tokenize")
     async def tokenize(self, http_request: Request) -> TokenizeResponse:
-        request = parse_body(
-            await http_request.body(), self._config.limits.max_request_bytes, TokenizeRequest
-        )
+        request = parse_body(await self._body(http_request), TokenizeRequest)
         self._check_model(request.model)
         info = await self._info()
         if request.prompt is not None:
-            tokens = self._template.encode_text(request.prompt, add_bos=request.add_special_tokens)
+            tokens = await self._tokenized(
+                len(request.prompt),
+                self._template.encode_text,
+                request.prompt,
+                add_bos=request.add_special_tokens,
+            )
         else:
             tokens = (await self._preprocessed(request.messages))[0].prompt_token_ids
         pieces = [self._template.decode([token]) for token in tokens] if request.return_token_strs else None
@@ -321,9 +395,7 @@ class Ingress:
 
     @app.post("/detokenize")
     async def detokenize(self, http_request: Request) -> DetokenizeResponse:
-        request = parse_body(
-            await http_request.body(), self._config.limits.max_request_bytes, DetokenizeRequest
-        )
+        request = parse_body(await self._body(http_request), DetokenizeRequest)
         self._check_model(request.model)
         check_token_ids(request.tokens, await self._info(), "tokens")
         return DetokenizeResponse(prompt=self._template.decode(request.tokens))
@@ -331,6 +403,8 @@ class Ingress:
     @app.api_route("/v1/{operation:path}", methods=["GET", "POST"])
     async def unservable(self, operation: str, http_request: Request) -> Response:
         what = UNSERVABLE_OPERATIONS.get(operation.strip("/"))
+        if operation.strip("/") in SERVED_OPERATIONS:
+            raise StarletteHTTPException(405)
         if what is None:
             raise StarletteHTTPException(404)
         raise BadRequest(
@@ -340,17 +414,31 @@ class Ingress:
             code="unsupported_operation",
         )
 
+    async def _body(self, http_request: Request) -> bytes:
+        return await read_body(
+            http_request.headers.get("content-length"),
+            http_request.stream(),
+            self._config.limits.max_request_bytes,
+        )
+
     async def _parse(self, http_request: Request, schema: type[SamplingFields]) -> SamplingFields:
-        request = parse_body(await http_request.body(), self._config.limits.max_request_bytes, schema)
+        request = parse_body(await self._body(http_request), schema)
         self._check_model(request.model)
         if unsupported := request.unsupported_fields():
             raise BadRequest(
                 f"{unsupported[0]}: this field is not supported by this service",
                 param=unsupported[0],
             )
+        check_limits(request, self._config.limits)
         if unknown := request.unknown_fields():
             logger.info("ignoring unknown request fields %s", unknown)
         return request
+
+    async def _tokenized(self, chars: int, encode: Callable[..., list[int]], *args, **kwargs) -> list[int]:
+        if chars <= TOKENIZE_INLINE_CHARS:
+            return encode(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._cpu_work, lambda: encode(*args, **kwargs))
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self._model_name:
@@ -365,24 +453,46 @@ class Ingress:
             tools = [ToolSpec(name=t.function.name, parameters=t.function.parameters) for t in request.tools]
         return OutputParsing(tools=tools, reasoning=self._reasoning)
 
-    def _generate(
-        self, decode: DecodeRequest, http_request: Request, images: DeploymentResponse | None = None
+    async def _generate(
+        self, decode: DecodeRequest, http_request: Request, preprocessed: DeploymentResponse | None = None
     ) -> AsyncIterator[DecodeChunk]:
-        """The decoder's chunk stream for one request, counted in the request metrics.
+        """The decoder's chunk stream for one request, started (its first chunk in hand),
+        bounded by limits.request_timeout_s and counted in the request metrics.
 
-        `images`: the encoder's response, passed on unresolved so that the
-        embeddings go from the encoder to the decoder without passing here."""
-        return self._metrics.decoded(
-            self._decoder.generate.options(stream=True).remote(decode, images),
-            http_request.scope,
-            prompt_tokens=len(decode.prompt_token_ids),
-        )
+        `preprocessed`: the Preprocess stage's response for an image request.
+        The encoder takes it, and the decoder the encoder's response, both
+        unresolved, so that pixels and embeddings never pass through here."""
+        limits = self._config.limits
+        time_left = limits.request_timeout_s - (time.perf_counter() - received_at(http_request.scope))
+        for attempt in range(1, STAGE_ATTEMPTS + 1):
+            images = self._encoder.encode.remote(preprocessed) if preprocessed is not None else None
+            stream = self._decoder.generate.options(stream=True).remote(decode, images)
+            chunks = self._metrics.decoded(
+                until_deadline(stream, time_left),
+                http_request.scope,
+                prompt_tokens=len(decode.prompt_token_ids),
+            )
+            try:
+                return await started(chunks)
+            except Exception as e:
+                if attempt < STAGE_ATTEMPTS and images is not None and await _lost_its_replica(images):
+                    logger.warning("encoder replica lost with request %s; trying again", decode.request_id)
+                    continue
+                raise _stage_error(e, "decoder", limits.retry_after_s) from e
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _decoded(self, response: Awaitable[Reply]) -> Reply:
+        try:
+            return await response
+        except Exception as e:
+            raise _stage_error(e, "decoder", self._config.limits.retry_after_s) from e
 
     def _stream(
         self, events: AsyncIterator[str], request_id: str, http_request: Request
     ) -> StreamingResponse:
         return StreamingResponse(
-            _guarded_events(events, request_id, http_request.scope), media_type="text/event-stream"
+            _guarded_events(events, request_id, http_request.scope, self._config.limits.retry_after_s),
+            media_type="text/event-stream",
         )
 
     async def _preprocessed(
@@ -395,7 +505,9 @@ class Ingress:
         the object store, not through this replica."""
         num_images = len(image_positions(messages))
         if not num_images:
-            tokenized = self._template.encode_chat(messages, tools=tools)
+            tokenized = await self._tokenized(
+                _text_chars(messages), self._template.encode_chat, messages, tools=tools
+            )
             return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids), None
         limit = self._config.images.max_images_per_request
         if num_images > limit or self._preprocess is None:
@@ -403,8 +515,13 @@ class Ingress:
                 f"messages: the request has {num_images} images; this service accepts at most {limit}",
                 param="messages",
             )
-        response = self._preprocess.preprocess.remote(messages, tools)
-        try:
-            return await response, response
-        except Exception as e:
-            raise _stage_error(e, "preprocess") from e
+        for attempt in range(1, STAGE_ATTEMPTS + 1):
+            response = self._preprocess.preprocess.remote(messages, tools)
+            try:
+                return await response, response
+            except Exception as e:
+                if attempt < STAGE_ATTEMPTS and _replica_lost(e):
+                    logger.warning("preprocess replica lost with a request; trying again: %s", _root_cause(e))
+                    continue
+                raise _stage_error(e, "preprocess", self._config.limits.retry_after_s) from e
+        raise AssertionError("unreachable: the last attempt returns or raises")

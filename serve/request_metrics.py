@@ -66,7 +66,7 @@ def error_response(
     return JSONResponse(
         error_payload(error.message, error.error_type, error.param, error.code),
         status_code=error.status_code,
-        headers=headers,
+        headers=(error.headers or {}) | (headers or {}),
     )
 
 
@@ -101,11 +101,16 @@ class RequestMetrics:
     ) -> AsyncIterator[DecodeChunk]:
         tags = {"model": self.model, "route": route_of(scope)}
         started = received_at(scope)
-        self._prompt_tokens.inc(prompt_tokens, tags=tags)
         first_token_at = last_token_at = None
+        prompt_counted = False
         tokens_per_choice: dict[int, int] = {}
         try:
             async for chunk in chunks:
+                if not prompt_counted:
+                    # Counted once the engine has taken the prompt: a request
+                    # refused or retried before that did not cost its prefill.
+                    self._prompt_tokens.inc(prompt_tokens, tags=tags)
+                    prompt_counted = True
                 generated = 0
                 for choice in chunk.choices:
                     generated += len(choice.token_ids)

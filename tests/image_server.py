@@ -11,6 +11,7 @@ import io
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from PIL import Image
 
@@ -53,7 +54,8 @@ class ImageServer:
 
             def do_GET(self):
                 server.requests.append(self.path)
-                parts = self.path.strip("/").split("/")
+                # A query string only makes a URL unique (no cache in between matches it).
+                parts = urlsplit(self.path).path.strip("/").split("/")
                 if parts[0] == "files" and parts[1] in server.files:
                     body, content_type = server.files[parts[1]]
                     self._reply(200, body, content_type)

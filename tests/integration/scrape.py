@@ -54,3 +54,13 @@ def settled(url: str, prefixes=("ray_serve_deployment_request_counter", "ray_min
         if watched(samples) == previous or time.monotonic() > deadline:
             return samples
         previous = watched(samples)
+
+
+def reached(url: str, condition, timeout_s: float = 30.0):
+    """Samples once `condition(samples)` holds (the last ones after `timeout_s`, for the test to fail on)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(url)
+        if condition(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)

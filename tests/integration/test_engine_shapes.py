@@ -5,8 +5,10 @@ On a CPU machine the decoder runs its preset's shape scaled down to the
 cores (deployments/engine_settings.py), with vLLM's multiprocessing
 executor: on two cores the eleven presets come down to TP1 (the session
 service itself), TP2, PP2 and data-parallel TP1 replicas. One real engine
-starts per shape, from the preset named below; CPU_SHAPES maps every preset
-to the shape that stands for it. Placement of every preset is
+starts per multi-rank shape, from the preset named below; CPU_SHAPES maps
+every preset to the shape that stands for it. The data-parallel shapes start
+no engine here: each replica is the session service's TP1 engine, and their
+placement (a group per replica) is test_placement.py's. Placement of every preset is
 test_placement.py's; the Ray-executor path that hands the placement group to
 vLLM on GPUs is tests/gpu/'s.
 """
@@ -28,10 +30,7 @@ from tests.polling import wait_for
 from tests.ray_instance import LOGICAL_GPUS
 
 # The preset whose engine runs for each shape on two cores. TP1 is the session service's own.
-ENGINE_PRESETS = {"TP2": "2gpu-tp", "PP2": "2gpu-pp", "2 x TP1": "2gpu-dp"}
-# Shapes whose ranks split the image-token embeddings' way through the model.
-# Each of the 2 x TP1 replicas is a TP1 engine, whose image path is the session service's.
-IMAGE_SHAPES = {"TP2", "PP2"}
+ENGINE_PRESETS = {"TP2": "2gpu-tp", "PP2": "2gpu-pp"}
 # What each preset runs as on two CPU cores.
 CPU_SHAPES = {
     "1gpu": "TP1",
@@ -60,8 +59,8 @@ def cpu_shape(name: str, cores: int) -> str:
 def test_every_preset_runs_as_a_shape_tested_here():
     assert {name: cpu_shape(name, cores=2) for name in LAYOUTS} == CPU_SHAPES
     tested = {"TP1", *ENGINE_PRESETS}
-    # 4 x TP1 is four of the engines 2 x TP1 runs two of.
-    assert set(CPU_SHAPES.values()) - tested == {"4 x TP1"}
+    # Replicas of the TP1 engine.
+    assert set(CPU_SHAPES.values()) - tested == {"2 x TP1", "4 x TP1"}
 
 
 def greedy_tokens(client, model: str) -> list[int]:
@@ -84,8 +83,8 @@ def test_engine_shape_deploys_sizes_its_kv_cache_and_answers(service, client, de
     assert cpu_shape(name, cores=len(usable_cores())) == shape
     reference_client = client
     layout = get_layout(name)
-    images = shape in IMAGE_SHAPES
-    config = layout_config(name, demo_checkpoint, images={"max_images_per_request": 1 if images else 0})
+    # Both shapes split the image-token embeddings' way through the model across ranks.
+    config = layout_config(name, demo_checkpoint, images={"max_images_per_request": 1})
     app = f"shape-{name}"
     assert free_gpus() == LOGICAL_GPUS
     serve.run(build_app(config), name=app, route_prefix=f"/{app}")
@@ -119,7 +118,7 @@ def test_engine_shape_deploys_sizes_its_kv_cache_and_answers(service, client, de
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": data_url(image_bytes((56, 56)))}},
         ]
-        for message in ("Hello!", content) if images else ("Hello!",):
+        for message in ("Hello!", content):
             response = client.chat.completions.create(
                 model=name, messages=[{"role": "user", "content": message}], max_tokens=3
             )

@@ -11,7 +11,7 @@ from transformers import Mistral3ForConditionalGeneration
 
 from tests.image_server import data_url, image_bytes
 from tests.integration.conftest import APP_NAME, ENCODER_CACHE_BYTES
-from tests.integration.scrape import by_label, settled, total
+from tests.integration.scrape import by_label, reached, settled, total
 from tests.reference import greedy_reference, mistral_common_encoding
 
 MAX_NEW_TOKENS = 16
@@ -189,12 +189,25 @@ def delta(before, after, name, **labels) -> float:
     return total(after, name, **labels) - total(before, name, **labels)
 
 
-def encoder_counters(service):
-    samples = settled(service.metrics_url)
-    return {
-        name: total(samples, f"ray_ministral_encoder_{name}")
-        for name in ("images_encoded_total", "cache_hits_total", "cache_misses_total", "cache_bytes")
-    }
+ENCODER_COUNTERS = ("images_encoded_total", "cache_hits_total", "cache_misses_total", "cache_bytes")
+
+
+def encoder_counters(service, **at_least: float):
+    """The encoder's counters: once they have stopped moving, or once each named one reaches its value.
+
+    The encoder exports all of them at once, so a counter that should not
+    have moved is read in the same export as the one waited for."""
+
+    def counters(samples):
+        return {name: total(samples, f"ray_ministral_encoder_{name}") for name in ENCODER_COUNTERS}
+
+    if not at_least:
+        return counters(settled(service.metrics_url))
+    samples = reached(
+        service.metrics_url,
+        lambda samples: all(counters(samples)[name] >= value for name, value in at_least.items()),
+    )
+    return counters(samples)
 
 
 def test_a_repeated_image_is_a_cache_hit_and_is_not_encoded_again(client, service):
@@ -210,9 +223,9 @@ def test_a_repeated_image_is_a_cache_hit_and_is_not_encoded_again(client, servic
         )
 
     first = ask()
-    after_first = encoder_counters(service)
+    after_first = encoder_counters(service, images_encoded_total=before["images_encoded_total"] + 1)
     second = ask()
-    after_second = encoder_counters(service)
+    after_second = encoder_counters(service, cache_hits_total=after_first["cache_hits_total"] + 1)
     assert after_first["images_encoded_total"] == before["images_encoded_total"] + 1
     assert after_second["cache_hits_total"] == after_first["cache_hits_total"] + 1
     assert after_second["images_encoded_total"] == after_first["images_encoded_total"]
@@ -227,13 +240,13 @@ def test_the_cache_stays_within_its_byte_budget(client, service):
         client.chat.completions.create(
             model=service.model, messages=[{"role": "user", "content": [image_part(url)]}], max_tokens=1
         )
-    counters = encoder_counters(service)
+    counters = encoder_counters(service, images_encoded_total=before["images_encoded_total"] + 8)
     assert counters["images_encoded_total"] == before["images_encoded_total"] + 8
     assert 0 < counters["cache_bytes"] <= ENCODER_CACHE_BYTES
     # The first image was evicted: sending it again encodes it again.
     client.chat.completions.create(
         model=service.model, messages=[{"role": "user", "content": [image_part(urls[0])]}], max_tokens=1
     )
-    again = encoder_counters(service)
+    again = encoder_counters(service, images_encoded_total=counters["images_encoded_total"] + 1)
     assert again["images_encoded_total"] == counters["images_encoded_total"] + 1
     assert again["cache_misses_total"] == counters["cache_misses_total"] + 1

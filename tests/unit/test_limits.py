@@ -1,0 +1,241 @@
+"""Request limits: each refusal names the field and the setting; the defaults agree with each other."""
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from pydantic import ValidationError
+
+from serve.config import AppConfig, LimitsConfig
+from serve.errors import BadRequest, RequestTooLarge
+from serve.grammar import CompiledGrammars
+from serve.ingress import parse_body
+from serve.limits import check_limits, nesting_depth, read_body
+from serve.protocol.completions import CompletionRequest
+
+LIMITS = LimitsConfig(
+    max_messages=4,
+    max_content_parts=3,
+    max_choices=2,
+    max_stop_sequences=2,
+    max_stop_sequence_chars=5,
+    max_tools=2,
+    max_schema_bytes=200,
+    max_schema_depth=7,
+    max_logit_bias=2,
+)
+USER = {"role": "user", "content": "hi"}
+TEXT_PART = {"type": "text", "text": "hi"}
+
+
+def tool(name: str, parameters: dict | None = None) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters or {"type": "object"}}}
+
+
+def nested(levels: int) -> dict:
+    """A schema of `levels` objects, one inside the next: 2 * levels - 1 levels of JSON."""
+    schema: dict = {"type": "string"}
+    for _ in range(levels - 1):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def chat(**fields) -> bytes:
+    return json.dumps({"model": "m", "messages": [USER], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "setting"),
+    [
+        (chat(messages=[USER] * 5), "messages", "max_messages"),
+        (chat(messages=[{"role": "user", "content": [TEXT_PART] * 2}] * 2), "messages", "max_content_parts"),
+        (chat(n=3), "n", "max_choices"),
+        (chat(stop=["a", "b", "c"]), "stop", "max_stop_sequences"),
+        (chat(stop="longer"), "stop", "max_stop_sequence_chars"),
+        (chat(stop=["ok", "longer"]), "stop[1]", "max_stop_sequence_chars"),
+        (chat(tools=[tool("a"), tool("b"), tool("c")]), "tools", "max_tools"),
+        (
+            chat(tools=[tool("a"), tool("b", {"type": "object", "description": "x" * 300})]),
+            "tools[1].function.parameters",
+            "max_schema_bytes",
+        ),
+        (chat(tools=[tool("a", nested(5))]), "tools[0].function.parameters", "max_schema_depth"),
+        (
+            chat(response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": nested(5)}}),
+            "response_format.json_schema.schema",
+            "max_schema_depth",
+        ),
+        (chat(logit_bias={"1": 1, "2": 1, "3": 1}), "logit_bias", "max_logit_bias"),
+    ],
+)
+def test_a_request_past_a_limit_is_refused_naming_field_and_setting(raw, param, setting):
+    with pytest.raises(BadRequest) as caught:
+        check_limits(parse_body(raw), LIMITS)
+    assert caught.value.param == param
+    assert caught.value.code == "limit_exceeded"
+    assert caught.value.message.startswith(param)
+    assert f"limits.{setting}" in caught.value.message
+
+
+def test_a_request_at_every_limit_passes():
+    at_the_limits = chat(
+        messages=[USER, USER, {"role": "user", "content": [TEXT_PART] * 3}, USER],
+        n=2,
+        stop=["five5", "x"],
+        tools=[tool("a", nested(4)), tool("b")],
+        logit_bias={"1": 1, "2": -1},
+    )
+    check_limits(parse_body(at_the_limits), LIMITS)
+
+
+def test_completions_are_held_to_the_shared_limits():
+    request = parse_body(json.dumps({"model": "m", "prompt": "hi", "n": 3}).encode(), CompletionRequest)
+    with pytest.raises(BadRequest) as caught:
+        check_limits(request, LIMITS)
+    assert caught.value.param == "n"
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ({}, 1), ([[]], 2), ({"a": [1, {"b": {}}]}, 4), (nested(7), 13)],
+)
+def test_nesting_depth(value, depth):
+    assert nesting_depth(value) == depth
+
+
+def test_nesting_depth_of_a_hostile_value_does_not_recurse():
+    value: list = []
+    for _ in range(100_000):
+        value = [value]
+    assert nesting_depth(value) == 100_001
+
+
+async def chunks_of(body: bytes, size: int, read: list[int]):
+    for start in range(0, len(body), size):
+        read.append(start + size)
+        yield body[start : start + size]
+
+
+def test_a_body_over_the_limit_stops_being_read_once_past_it():
+    read: list[int] = []
+    with pytest.raises(RequestTooLarge) as caught:
+        asyncio.run(read_body(None, chunks_of(b"x" * 10_000, 1000, read), 2500))
+    assert read == [1000, 2000, 3000], "reading went on past the limit"
+    assert "limits.max_request_bytes" in caught.value.message
+    assert caught.value.status_code == 413
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading():
+    read: list[int] = []
+    with pytest.raises(RequestTooLarge) as caught:
+        asyncio.run(read_body("10000", chunks_of(b"x" * 10_000, 1000, read), 2500))
+    assert read == []
+    assert "10000 bytes" in caught.value.message
+
+
+def test_a_body_within_the_limit_is_read_whole():
+    read: list[int] = []
+    assert asyncio.run(read_body("2500", chunks_of(b"y" * 2500, 1000, read), 2500)) == b"y" * 2500
+
+
+def test_the_default_limits_let_the_largest_image_through_as_a_data_url():
+    config = AppConfig()
+    assert config.limits.max_request_bytes >= 4 / 3 * config.images.max_image_bytes
+
+
+def test_an_image_limit_no_request_could_carry_is_a_config_error():
+    with pytest.raises(ValidationError, match=r"limits\.max_request_bytes"):
+        AppConfig.model_validate(
+            {"images": {"max_image_bytes": 8_000_000}, "limits": {"max_request_bytes": 8_000_000}}
+        )
+    # Without images, the image limit constrains nothing.
+    AppConfig.model_validate(
+        {
+            "images": {"max_images_per_request": 0, "max_image_bytes": 8_000_000},
+            "limits": {"max_request_bytes": 8_000_000},
+        }
+    )
+
+
+class CountingBuilder:
+    """A stand-in for GrammarBuilder that records where and how often it compiles."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.calls: list[str] = []
+
+    def for_chat(self, request):
+        self.calls.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        if request.tools[0].function.name == "bad":
+            raise BadRequest(
+                "tools[0].function.parameters: cannot be enforced", param="tools[0].function.parameters"
+            )
+        return f"grammar of {request.tools[0].function.name}"
+
+
+def test_grammars_compile_off_the_event_loop_once_per_input():
+    from concurrent.futures import ThreadPoolExecutor
+
+    builder = CountingBuilder()
+    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1, thread_name_prefix="grammar"), max_entries=2)
+
+    async def run():
+        first = await grammars.for_chat(parse_body(chat(tools=[tool("a")])))
+        again = await grammars.for_chat(parse_body(chat(tools=[tool("a")])))
+        free_text = await grammars.for_chat(parse_body(chat()))
+        return first, again, free_text
+
+    assert asyncio.run(run()) == ("grammar of a", "grammar of a", None)
+    assert len(builder.calls) == 1
+    assert builder.calls[0].startswith("grammar")
+
+
+def test_a_refused_schema_is_refused_again_from_the_cache():
+    from concurrent.futures import ThreadPoolExecutor
+
+    builder = CountingBuilder()
+    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_entries=2)
+    for _ in range(3):
+        with pytest.raises(BadRequest) as caught:
+            asyncio.run(grammars.for_chat(parse_body(chat(tools=[tool("bad")]))))
+        assert caught.value.param == "tools[0].function.parameters"
+    assert len(builder.calls) == 1
+
+
+def test_the_cache_keeps_only_its_newest_entries():
+    from concurrent.futures import ThreadPoolExecutor
+
+    builder = CountingBuilder()
+    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_entries=2)
+
+    async def run(names):
+        for name in names:
+            await grammars.for_chat(parse_body(chat(tools=[tool(name)])))
+
+    asyncio.run(run(["a", "b", "c", "a"]))
+    assert len(builder.calls) == 4, "a was evicted by c and compiled again"
+
+
+def test_a_slow_compilation_does_not_stall_the_event_loop():
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammars = CompiledGrammars(CountingBuilder(seconds=0.5), ThreadPoolExecutor(1), max_entries=2)
+
+    async def run():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        await grammars.for_chat(parse_body(chat(tools=[tool("slow")])))
+        ticker.cancel()
+        return ticks
+
+    assert asyncio.run(run()) >= 20
