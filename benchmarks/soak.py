@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     app_args = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]["args"]
     config = AppConfig.model_validate(app_args)
-    service = OurService(config, args.port, args.output.with_name("server.log"))
+    service = OurService(config, args.port, args.output.parent / "logs" / "server.log")
     settings = {"minutes": args.minutes, "concurrency": args.concurrency, "mix": dict(MIX), "seed": args.seed}
     with service:
         mark = service.process_mark
