@@ -70,7 +70,7 @@ def image_data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def payload(kind: str, rng: random.Random, serial: int, repeated_image: str) -> dict:
+def payload(kind: str, model: str, rng: random.Random, serial: int, repeated_image: str) -> dict:
     content: str | list = f"Tell me something about the number {serial}."
     if kind.startswith("image"):
         url = repeated_image if kind == "image-repeat" else image_data_url(serial)
@@ -80,7 +80,7 @@ def payload(kind: str, rng: random.Random, serial: int, repeated_image: str) -> 
         ]
     stream = kind == "text-stream" or (kind.startswith("image") and serial % 2 == 0)
     body = {
-        "model": "ministral-3-demo",
+        "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": rng.randint(8, 64),
         "ignore_eos": True,
@@ -114,7 +114,9 @@ async def one_request(http: httpx.AsyncClient, body: dict) -> tuple[str, float]:
         return "transport", time.monotonic() - started
 
 
-async def drive(base_url: str, minutes: float, concurrency: int, seed: int) -> list[tuple[str, str, float]]:
+async def drive(
+    base_url: str, model: str, minutes: float, concurrency: int, seed: int
+) -> list[tuple[str, str, float]]:
     """(kind, outcome, seconds) of every request sent until the time is up."""
     rng = random.Random(seed)
     repeated_image = image_data_url(-1)
@@ -128,7 +130,7 @@ async def drive(base_url: str, minutes: float, concurrency: int, seed: int) -> l
         while time.monotonic() < deadline:
             serial += 1
             kind = rng.choices(kinds, weights)[0]
-            outcome, seconds = await one_request(http, payload(kind, rng, serial, repeated_image))
+            outcome, seconds = await one_request(http, payload(kind, model, rng, serial, repeated_image))
             results.append((kind, outcome, seconds))
 
     limits = httpx.Limits(max_connections=concurrency)
@@ -172,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"minutes": args.minutes, "concurrency": args.concurrency, "mix": dict(MIX), "seed": args.seed}
     with service:
         mark = service.process_mark
-        asyncio.run(drive(service.base_url, args.warmup_minutes, args.concurrency, args.seed + 1))
+        asyncio.run(
+            drive(service.base_url, config.model.name, args.warmup_minutes, args.concurrency, args.seed + 1)
+        )
         rss_before = stage_rss_mib(mark)
-        results = asyncio.run(drive(service.base_url, args.minutes, args.concurrency, args.seed))
+        results = asyncio.run(
+            drive(service.base_url, config.model.name, args.minutes, args.concurrency, args.seed)
+        )
         rss_after = stage_rss_mib(mark)
         health = httpx.get(f"{service.base_url}/health", timeout=30).json()
     report = summary(results, rss_before, rss_after, settings) | {"health_at_end": health}

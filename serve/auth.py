@@ -28,6 +28,10 @@ class Unauthorized(APIError):
     status_code = 401
     error_type = "invalid_request_error"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
 
 def api_keys(configured: Iterable[str], environ: Mapping[str, str] = os.environ) -> tuple[bytes, ...]:
     """Every accepted key: the config's and the environment's, blanks dropped."""
@@ -76,6 +80,6 @@ class ApiKeyMiddleware:
         try:
             check_api_key(authorization, scope.get("query_string", b""), self.keys)
         except Unauthorized as refused:
-            response = error_response(scope, refused, headers={"WWW-Authenticate": "Bearer"})
+            response = error_response(scope, refused)
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -198,8 +198,11 @@ async def _lost_its_replica(response: DeploymentResponse) -> bool:
 
 
 def _text_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in the messages' content (strings and text parts)."""
     return sum(
-        len(message.content) if isinstance(message.content, str) else len(message.content or ())
+        len(message.content)
+        if isinstance(message.content, str)
+        else sum(len(getattr(part, "text", "")) for part in message.content or ())
         for message in messages
     )
 
@@ -463,8 +466,9 @@ class Ingress:
         The encoder takes it, and the decoder the encoder's response, both
         unresolved, so that pixels and embeddings never pass through here."""
         limits = self._config.limits
-        time_left = limits.request_timeout_s - (time.perf_counter() - received_at(http_request.scope))
         for attempt in range(1, STAGE_ATTEMPTS + 1):
+            # Counted from the request's arrival: a retry gets only what is left.
+            time_left = limits.request_timeout_s - (time.perf_counter() - received_at(http_request.scope))
             images = self._encoder.encode.remote(preprocessed) if preprocessed is not None else None
             stream = self._decoder.generate.options(stream=True).remote(decode, images)
             chunks = self._metrics.decoded(

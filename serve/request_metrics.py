@@ -58,15 +58,13 @@ def error_code(error: APIError) -> str:
     return str(error.code or error.error_type)
 
 
-def error_response(
-    scope: dict[str, Any], error: APIError, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """The OpenAI-shaped answer to `error`, its code marked for the request's count."""
+def error_response(scope: dict[str, Any], error: APIError) -> JSONResponse:
+    """The OpenAI-shaped answer to `error` (with its headers), its code marked for the request's count."""
     mark_error(scope, error_code(error))
     return JSONResponse(
         error_payload(error.message, error.error_type, error.param, error.code),
         status_code=error.status_code,
-        headers=(error.headers or {}) | (headers or {}),
+        headers=error.headers,
     )
 
 

@@ -51,7 +51,7 @@ async def until_deadline(stream: DeploymentResponseGenerator, timeout_s: float) 
     try:
         async for chunk in stream:
             yield chunk
-    except BaseException as e:
+    except Exception as e:
         if expired:
             raise RequestTimeout(
                 f"the request ran past its time limit of {timeout_s:g} s (limits.request_timeout_s) "

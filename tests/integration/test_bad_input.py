@@ -13,6 +13,7 @@ import pytest
 
 from tests.image_server import data_url, image_bytes
 from tests.integration.conftest import APP_NAME
+from tests.integration.replicas import replica_names
 
 USER = {"role": "user", "content": "hi"}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -312,17 +313,6 @@ CORPUS = [
 ]
 
 
-def replicas() -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP_NAME}#"
-    return sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == "serve" and actor["name"].startswith(prefix)
-    )
-
-
 def test_the_corpus_is_large_and_its_names_unique():
     names = [name for name, *_ in CORPUS]
     assert len(names) >= 50
@@ -332,7 +322,7 @@ def test_the_corpus_is_large_and_its_names_unique():
 def test_every_malformed_request_is_a_4xx_with_a_message_and_no_replica_restarts(service):
     from ray import serve
 
-    before = replicas()
+    before = replica_names(APP_NAME)
     assert before, "no replica of the shared application found"
     answers = {}
     with httpx.Client(base_url=service.base_url, timeout=60) as http:
@@ -353,7 +343,7 @@ def test_every_malformed_request_is_a_4xx_with_a_message_and_no_replica_restarts
         assert set(error) == {"message", "type", "param", "code"}, name
         assert error["message"] and error["type"] == "invalid_request_error", (name, error)
     assert httpx.get(f"{service.base_url}/health", timeout=30).status_code == 200
-    assert replicas() == before
+    assert replica_names(APP_NAME) == before
     status = serve.status().applications[APP_NAME]
     assert status.status == "RUNNING"
     assert {name: d.status for name, d in status.deployments.items()} == dict.fromkeys(

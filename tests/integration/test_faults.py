@@ -24,6 +24,7 @@ import pytest
 
 from serve.config import AppConfig
 from tests.image_server import data_url, image_bytes
+from tests.integration.replicas import replica_names
 from tests.polling import wait_for
 
 APP = "faults"
@@ -153,22 +154,11 @@ def unfinished_in_engine() -> int:
     )
 
 
-def replica_names(deployment: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
-    return sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == "serve" and actor["name"].startswith(prefix)
-    )
-
-
 def kill_replica(deployment: str, killed: list[str] | None = None) -> str:
     """Kill one replica of `deployment` (its first by name); its name is returned and added to `killed`."""
     import ray
 
-    name = replica_names(deployment)[0]
+    name = replica_names(APP, deployment)[0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     if killed is not None:
         killed.append(name)
@@ -182,7 +172,7 @@ def health(base_url: str) -> httpx.Response:
 def recovered(base_url: str, deployment: str, killed: str) -> bool:
     """A replica other than the killed one runs, and the service says it is healthy."""
     return wait_for(
-        lambda: replica_names(deployment) not in ([], [killed]) and health(base_url).status_code == 200,
+        lambda: replica_names(APP, deployment) not in ([], [killed]) and health(base_url).status_code == 200,
         timeout_s=180,
     )
 
