@@ -336,6 +336,51 @@ REPLICAS = DashboardSpec(
             ),
         ),
         (
+            "What the routers see",
+            (
+                PanelSpec(
+                    "Speed per replica, as its router measures it",
+                    "Decoder: tokens per second while busy; encoder: images per second while busy. "
+                    "A replica slower than its peers gets less work.",
+                    "short",
+                    (
+                        Query(
+                            f"max by (stage, routed_replica) ({m.ROUTER_REPLICA_TOKENS_PER_S.series}{SERVE})",
+                            "{{stage}} {{routed_replica}}",
+                        ),
+                    ),
+                ),
+                PanelSpec(
+                    "Requests in flight per replica, as routed",
+                    "Requests the routers have sent each replica and not yet seen finish.",
+                    "short",
+                    (
+                        Query(
+                            f"sum by (stage, routed_replica) ({m.ROUTER_REPLICA_IN_FLIGHT.series}{SERVE})",
+                            "{{stage}} {{routed_replica}}",
+                        ),
+                    ),
+                ),
+                PanelSpec(
+                    "KV-cache use per decoder replica, as routed",
+                    "From each replica's routing stats: a replica near full is tried last.",
+                    "percentunit",
+                    (
+                        Query(
+                            f"max by (routed_replica) ({m.ROUTER_REPLICA_KV_CACHE_USAGE.series}{SERVE})",
+                            "{{routed_replica}}",
+                        ),
+                    ),
+                ),
+                PanelSpec(
+                    "Affinity hits per second",
+                    "Requests sent to the replica that held their prefix (decoder) or images (encoder).",
+                    "short",
+                    (Query(or_zero(rate(m.ROUTER_AFFINITY_HITS.series, SERVE, by="stage")), "{{stage}}"),),
+                ),
+            ),
+        ),
+        (
             "Every replica",
             (
                 PanelSpec(

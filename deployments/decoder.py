@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from ray import serve
 
+from autoscaling import policies
 from deployments.engine_settings import (
     GREEDY_TEMPERATURE,
     cpu_environment,
@@ -74,7 +76,7 @@ class DecoderEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from deployments.engine_metrics import EngineStatLogger
+        from deployments.engine_metrics import EngineLoad, EngineStatLogger
 
         checkpoint = open_checkpoint(config.model, weights=True)
         self.image_token_id = checkpoint.special_token_id("[IMG]")
@@ -102,7 +104,11 @@ class DecoderEngine:
         # The engine's own figures (ray_vllm_*: running and waiting requests,
         # KV-cache use, tokens, latencies) through Ray's metrics agent,
         # labelled with this replica's id.
-        stat_loggers = [EngineStatLogger] if config.engine.export_metrics else None
+        # And the load this replica reports to the routers (record_routing_stats).
+        self.load = EngineLoad()
+        stat_loggers = [self.load.stat_logger]
+        if config.engine.export_metrics:
+            stat_loggers.append(EngineStatLogger)
         self.engine = AsyncLLM.from_vllm_config(
             vllm_config, stat_loggers=stat_loggers, disable_log_stats=True
         )
@@ -122,6 +128,7 @@ class DecoderEngine:
             kv_cache_tokens=cache_config.kv_cache_size_tokens or 0,
             max_concurrency=cache_config.kv_cache_max_concurrency or 0.0,
         )
+        self.load.kv_cache_tokens = self.info.kv_cache_tokens
         logger.info(
             "decoder ready: %s, %s, max_model_len=%d, sampling defaults %s",
             checkpoint.path,
@@ -181,29 +188,43 @@ class DecoderEngine:
         )
         parsers: dict[int, ChoiceParser] = {}
         first = True
+        prompt_tokens = len(request.prompt_token_ids)
+        to_generate = sampling.max_tokens * sampling.n
+        self.load.admitted(prompt_tokens, to_generate)
         outputs = self.engine.generate(prompt, sampling, request.request_id)
-        async for output in paced(outputs, self._chunk_interval_s):
-            choices = []
-            for completion in output.outputs:
-                delta = self._choice_delta(request, completion, parsers)
-                if copies == 1:
-                    choices.append(delta)
-                else:
-                    choices.extend(replace(delta, index=copy) for copy in range(copies))
-            prompt_logprobs = None
-            if first and request.sampling.prompt_logprobs is not None and output.prompt_logprobs:
-                prompt_logprobs = [
-                    None
-                    if position is None
-                    else position_logprobs(
-                        self.tokenizer, position, token_id, request.sampling.prompt_logprobs
-                    )
-                    for position, token_id in zip(
-                        output.prompt_logprobs, request.prompt_token_ids, strict=False
-                    )
-                ]
-            first = False
-            yield DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
+        try:
+            async for output in paced(outputs, self._chunk_interval_s):
+                if first:
+                    self.load.prefilled(prompt_tokens)
+                generated = sum(len(completion.token_ids) for completion in output.outputs)
+                self.load.generated(generated)
+                to_generate -= generated
+                yield self._chunk(request, output, parsers, copies, first)
+                first = False
+        finally:
+            if first:
+                self.load.prefilled(prompt_tokens)
+            self.load.generated(to_generate)
+
+    def _chunk(
+        self, request: DecodeRequest, output, parsers: dict[int, ChoiceParser], copies: int, first: bool
+    ) -> DecodeChunk:
+        choices = []
+        for completion in output.outputs:
+            delta = self._choice_delta(request, completion, parsers)
+            if copies == 1:
+                choices.append(delta)
+            else:
+                choices.extend(replace(delta, index=copy) for copy in range(copies))
+        prompt_logprobs = None
+        if first and request.sampling.prompt_logprobs is not None and output.prompt_logprobs:
+            prompt_logprobs = [
+                None
+                if position is None
+                else position_logprobs(self.tokenizer, position, token_id, request.sampling.prompt_logprobs)
+                for position, token_id in zip(output.prompt_logprobs, request.prompt_token_ids, strict=False)
+            ]
+        return DecodeChunk(choices=choices, prompt_logprobs=prompt_logprobs)
 
     def _chunk_interval_s(self) -> float:
         return chunk_interval_s(self.engine.get_num_unfinished_requests(), self.streaming)
@@ -272,6 +293,15 @@ class Decoder:
 
     async def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests()
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve's controller (routing.stats_period_s) for the decoder router."""
+        return asdict(self._engine.load.load(time.time()))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The decoder's autoscaling signals (autoscaling/policies.py)."""
+        load = self._engine.load.load(time.time())
+        return {policies.WAITING: load.waiting, policies.KV_CACHE_USAGE: load.kv_cache_usage}
 
     async def check_health(self) -> None:
         await self._engine.check_health()

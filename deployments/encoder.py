@@ -16,15 +16,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from ray import serve
 from safetensors import safe_open
 
+from autoscaling import policies
+from deployments.routing import HELD_IMAGE_PREFIX_CHARS, ThroughputWindow
 from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
-from serve.messages import ImageForEncoder, ImageTokenEmbeddings, PreprocessedRequest
+from serve.messages import EncoderLoad, ImageForEncoder, ImageTokenEmbeddings, PreprocessedRequest
 from serve.metrics import (
     ENCODER_BATCH_SIZE,
     ENCODER_CACHE_BYTES,
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 # Both weight-name layouts of published Mistral 3 checkpoints.
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 _NESTED_PREFIX = "model."
+# The most recently used cache entries reported to the router (a few KB of stats).
+HELD_IMAGES_REPORTED = 256
 
 
 def _vision_stack_class():
@@ -174,6 +179,8 @@ class Encoder:
         self._encode_batch.set_max_batch_size(config.encoder.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(config.encoder.batch_wait_timeout_s)
         self._metrics = EncoderMetrics(self._cache)
+        self._pending_images = 0
+        self._speed = ThroughputWindow()
         logger.info(
             "encoder ready on %s (%s), cache %d bytes", device, self._vision.dtype, self._cache.max_bytes
         )
@@ -181,9 +188,33 @@ class Encoder:
     async def check_health(self) -> None:
         """Serve's periodic check, and the ingress's /health probe: answering is the check."""
 
-    async def encode(self, prompt: PreprocessedRequest) -> ImageTokenEmbeddings:
-        embeddings = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
+    async def encode(
+        self, prompt: PreprocessedRequest, image_hashes: tuple[str, ...] = ()
+    ) -> ImageTokenEmbeddings:
+        """`image_hashes` (the images' content hashes) is for the encoder router, which reads
+        it before the request gets here: `prompt` is still a reference there."""
+        self._pending_images += len(prompt.images)
+        try:
+            embeddings = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
+        finally:
+            self._pending_images -= len(prompt.images)
         return ImageTokenEmbeddings(embeddings=torch.cat(embeddings))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The encoder's autoscaling signal (autoscaling/policies.py)."""
+        return {policies.PENDING_IMAGES: self._pending_images}
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve's controller (routing.stats_period_s) for the encoder router."""
+        held = self._cache.keys()[-HELD_IMAGES_REPORTED:]
+        return asdict(
+            EncoderLoad(
+                measured_at=time.time(),
+                pending_images=self._pending_images,
+                images_per_s=self._speed.rate(),
+                held_images=tuple(key[:HELD_IMAGE_PREFIX_CHARS] for key in held),
+            )
+        )
 
     async def _embedding(self, image: ImageForEncoder) -> torch.Tensor:
         key = image.content_hash
@@ -211,7 +242,9 @@ class Encoder:
         started = time.perf_counter()
         # The forward pass runs in a thread so the replica keeps taking requests.
         embeddings = await asyncio.to_thread(self._vision.encode, batch)
-        self._metrics.seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._speed.add(time.time(), seconds, len(batch))
+        self._metrics.seconds.observe(seconds)
         self._metrics.batch_size.observe(len(batch))
         self._metrics.images_encoded.inc(len(batch))
         return embeddings

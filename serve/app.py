@@ -21,7 +21,9 @@ from serve.layouts import decoder_placement
 def decoder_options(config: AppConfig) -> dict[str, Any]:
     """Serve options of the decoder: on GPUs, a placement group with one GPU bundle per rank."""
     decoder = config.deployments.decoder
-    options = decoder.serve_options()
+    options = decoder.serve_options("decoder")
+    if router := config.routing.request_router_config("decoder"):
+        options["request_router_config"] = router
     if decoder.num_gpus > 0:
         # The ranks hold the GPUs (Ray workers in the bundles); the replica,
         # in the first bundle, holds only its CPUs.
@@ -35,6 +37,13 @@ def decoder_options(config: AppConfig) -> dict[str, Any]:
     return options
 
 
+def encoder_options(config: AppConfig) -> dict[str, Any]:
+    options = config.deployments.encoder.serve_options("encoder")
+    if router := config.routing.request_router_config("encoder"):
+        options["request_router_config"] = router
+    return options
+
+
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
@@ -43,10 +52,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     image_stages = {}
     if config.images.max_images_per_request > 0:
         image_stages = {
-            "preprocess": Preprocess.options(**stages.preprocess.serve_options()).bind(config),
-            "encoder": Encoder.options(**stages.encoder.serve_options()).bind(config),
+            "preprocess": Preprocess.options(**stages.preprocess.serve_options("preprocess")).bind(config),
+            "encoder": Encoder.options(**encoder_options(config)).bind(config),
         }
     # Past the ingress's own queue, Serve's proxy answers: a 429 too, with Retry-After.
     backpressure = {"status_code": 429, "retry_after_s": config.limits.retry_after_s}
-    ingress = Ingress.options(**stages.ingress.serve_options(), backpressure_config=backpressure)
+    ingress = Ingress.options(**stages.ingress.serve_options("ingress"), backpressure_config=backpressure)
     return ingress.bind(config, decoder, **image_stages)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from autoscaling import policies
 from serve.layouts import check_shape, get_layout
 
 
@@ -120,10 +121,37 @@ class EngineConfig(_Strict):
 
 
 class AutoscalingBounds(_Strict):
+    """Bounds, targets and delays of a stage's autoscaling (autoscaling/policies.py).
+
+    Each stage scales on its own signals against their targets per replica:
+    the decoder on waiting requests, KV-cache use and ongoing requests; the
+    encoder on pending images; preprocess and the ingress on ongoing requests.
+    """
+
     min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas started under load.")
     target_ongoing_requests: float = Field(
         default=16, gt=0, description="Requests in flight per replica that autoscaling aims for."
+    )
+    target_waiting_requests: float = Field(
+        default=2,
+        gt=0,
+        description="Decoder: requests waiting in vLLM's queue per replica (batch or KV cache full).",
+    )
+    target_kv_cache_usage: float = Field(
+        default=0.8, gt=0, le=1, description="Decoder: fraction of the KV cache in use per replica."
+    )
+    target_pending_images: float = Field(
+        default=8, gt=0, description="Encoder: images waiting to be encoded per replica."
+    )
+    upscale_delay_s: float = Field(
+        default=30, ge=0, description="How long more replicas must be wanted before one is started."
+    )
+    downscale_delay_s: float = Field(
+        default=300, ge=0, description="How long fewer replicas must be wanted before one is stopped."
+    )
+    look_back_period_s: float = Field(
+        default=10, gt=0, description="Window over which each replica's signals are averaged."
     )
 
     @model_validator(mode="after")
@@ -133,6 +161,36 @@ class AutoscalingBounds(_Strict):
                 f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
             )
         return self
+
+    def targets(self, stage: str) -> dict[str, float]:
+        """The signals `stage` scales on and their targets per replica."""
+        return {
+            "decoder": {
+                policies.WAITING: self.target_waiting_requests,
+                policies.KV_CACHE_USAGE: self.target_kv_cache_usage,
+                policies.ONGOING: self.target_ongoing_requests,
+            },
+            "encoder": {policies.PENDING_IMAGES: self.target_pending_images},
+        }.get(stage, {policies.ONGOING: self.target_ongoing_requests})
+
+    def serve_config(self, stage: str) -> dict:
+        """Serve's `autoscaling_config` for `stage`: our policy applies the delays, so Serve's are 0."""
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "look_back_period_s": self.look_back_period_s,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 0,
+            "policy": {
+                "policy_function": "autoscaling.policies:StagePolicy",
+                "policy_kwargs": {
+                    "targets": self.targets(stage),
+                    "upscale_delay_s": self.upscale_delay_s,
+                    "downscale_delay_s": self.downscale_delay_s,
+                },
+            },
+        }
 
 
 class DeploymentConfig(_Strict):
@@ -183,7 +241,7 @@ class DeploymentConfig(_Strict):
             raise ValueError("set num_replicas or autoscaling, not both (num_replicas: null)")
         return self
 
-    def serve_options(self) -> dict:
+    def serve_options(self, stage: str) -> dict:
         """Keyword arguments of `Deployment.options` for this stage."""
         options: dict = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
@@ -193,7 +251,7 @@ class DeploymentConfig(_Strict):
             "health_check_period_s": self.health_check_period_s,
         }
         if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump()
+            options["autoscaling_config"] = self.autoscaling.serve_config(stage)
         else:
             options["num_replicas"] = self.num_replicas
         return options
@@ -434,6 +492,61 @@ class AuthConfig(_Strict):
     )
 
 
+ROUTER_CLASSES = {
+    "decoder": "deployments.router:DecoderRouter",
+    "encoder": "deployments.router:EncoderRouter",
+}
+
+
+class RoutingConfig(_Strict):
+    """How the ingress picks a decoder and an encoder replica (deployments/routing.py)."""
+
+    router: Literal["throughput", "serve_default"] = Field(
+        default="throughput",
+        description=(
+            "throughput: each request goes where it is estimated to finish soonest, from the "
+            "replicas' measured speed and queued work, with affinity for cached prefixes and images. "
+            "serve_default: Ray Serve's own (power of two choices on queue length)."
+        ),
+    )
+    stats_period_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often Serve polls each replica's routing stats (Ray's default: 10 s).",
+    )
+    affinity_tolerance: float = Field(
+        default=1.5,
+        ge=1,
+        description=(
+            "A replica holding part of a request (its prefix, its images) gets it while its estimated "
+            "finish is within this factor of the best replica's."
+        ),
+    )
+    kv_usage_limit: float = Field(
+        default=0.95,
+        gt=0,
+        le=1,
+        description=(
+            "A decoder replica whose KV cache would pass this fraction with the request is tried last."
+        ),
+    )
+
+    def request_router_config(self, stage: Literal["decoder", "encoder"]) -> dict | None:
+        """Serve's `request_router_config` for a stage; None for Serve's default router."""
+        if self.router == "serve_default":
+            return None
+        return {
+            "request_router_class": ROUTER_CLASSES[stage],
+            "request_router_kwargs": {
+                "affinity_tolerance": self.affinity_tolerance,
+                "kv_usage_limit": self.kv_usage_limit,
+                # Stats older than a few polls describe a replica that has moved on.
+                "stale_after_s": max(5 * self.stats_period_s, 5.0),
+            },
+            "request_routing_stats_period_s": self.stats_period_s,
+        }
+
+
 class AppConfig(_Strict):
     """Arguments of `serve.app:build_app` (the `args:` of a Serve config file)."""
 
@@ -457,6 +570,7 @@ class AppConfig(_Strict):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     use_default_system_prompt: bool = Field(

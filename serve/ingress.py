@@ -342,7 +342,12 @@ class Ingress:
         )
         if prompt.images:
             self._metrics.image_request()
-        chunks = await self._generate(decode, http_request, preprocess_response if prompt.images else None)
+        chunks = await self._generate(
+            decode,
+            http_request,
+            preprocess_response if prompt.images else None,
+            image_hashes=tuple(image.content_hash for image in prompt.images),
+        )
         output = ChatOutput(request, decode, self._model_name, info.system_fingerprint)
         if request.stream:
             return self._stream(output.events(chunks), decode.request_id, http_request)
@@ -457,19 +462,26 @@ class Ingress:
         return OutputParsing(tools=tools, reasoning=self._reasoning)
 
     async def _generate(
-        self, decode: DecodeRequest, http_request: Request, preprocessed: DeploymentResponse | None = None
+        self,
+        decode: DecodeRequest,
+        http_request: Request,
+        preprocessed: DeploymentResponse | None = None,
+        image_hashes: tuple[str, ...] = (),
     ) -> AsyncIterator[DecodeChunk]:
         """The decoder's chunk stream for one request, started (its first chunk in hand),
         bounded by limits.request_timeout_s and counted in the request metrics.
 
         `preprocessed`: the Preprocess stage's response for an image request.
         The encoder takes it, and the decoder the encoder's response, both
-        unresolved, so that pixels and embeddings never pass through here."""
+        unresolved, so that pixels and embeddings never pass through here; `image_hashes`
+        go with it for the encoder router."""
         limits = self._config.limits
         for attempt in range(1, STAGE_ATTEMPTS + 1):
             # Counted from the request's arrival: a retry gets only what is left.
             time_left = limits.request_timeout_s - (time.perf_counter() - received_at(http_request.scope))
-            images = self._encoder.encode.remote(preprocessed) if preprocessed is not None else None
+            images = None
+            if preprocessed is not None:
+                images = self._encoder.encode.remote(preprocessed, image_hashes=image_hashes)
             stream = self._decoder.generate.options(stream=True).remote(decode, images)
             chunks = self._metrics.decoded(
                 until_deadline(stream, time_left),

@@ -188,13 +188,18 @@ def decoder_placement(
 
 # What every generated Serve config carries besides the layout: the real
 # model, a context that fits every preset's KV cache on 24 GB cards
-# (`ministral-serve plan` tells what more fits), CUDA graphs on.
+# (`ministral-serve plan` tells what more fits), CUDA graphs on, and
+# preprocess (CPU only, no model) autoscaled on its ongoing requests.
 SERVE_CONFIG_ARGS: dict[str, Any] = {
     "model": {"source": "mistralai/Ministral-3-3B-Instruct-2512"},
     "engine": {"max_model_len": 32768, "enforce_eager": False},
     "deployments": {
         "ingress": {"num_replicas": 2, "num_cpus": 1},
-        "preprocess": {"num_replicas": 2, "num_cpus": 2},
+        "preprocess": {
+            "num_replicas": None,
+            "num_cpus": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16},
+        },
         "decoder": {"num_cpus": 2},
     },
 }
@@ -208,6 +213,10 @@ def serve_config(layout: Layout) -> str:
         encoder = f"{ENCODER_GPU_SHARE} of a decoder GPU"
     else:
         encoder = f"{layout.encoder_gpus} GPU of its own"
+    from serve.config import AppConfig
+
+    args = {"layout": layout.name, **SERVE_CONFIG_ARGS}
+    routing = AppConfig.model_validate(args).routing
     document = {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": 8000},
@@ -216,7 +225,13 @@ def serve_config(layout: Layout) -> str:
                 "name": "ministral",
                 "route_prefix": "/",
                 "import_path": "serve.app:build_app",
-                "args": {"layout": layout.name, **SERVE_CONFIG_ARGS},
+                "args": args,
+                # What build_app sets from `routing`, stated where `serve deploy` can change it
+                # without restarting replicas.
+                "deployments": [
+                    {"name": name, "request_router_config": routing.request_router_config(stage)}
+                    for name, stage in (("Decoder", "decoder"), ("Encoder", "encoder"))
+                ],
             }
         ],
     }

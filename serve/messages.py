@@ -156,3 +156,35 @@ class EngineInfo:
     kv_block_size: int = 0
     kv_cache_tokens: int = 0
     max_concurrency: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecoderLoad:
+    """A decoder replica's routing stats (`record_routing_stats`), read by the decoder router.
+
+    running, waiting and kv_cache_usage are vLLM's scheduler stats at its last
+    step; the token counts are exact sums over the requests the replica holds;
+    tokens_per_s is what the engine generated per second while it had work,
+    over a sliding window (0 until it has generated)."""
+
+    measured_at: float  # time.time() on the replica
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    kv_cache_tokens: int = 0
+    prefill_tokens_pending: int = 0  # prompt tokens of requests not yet past their first token
+    decode_tokens_pending: int = 0  # tokens still to generate, at most max_tokens per request
+    tokens_per_s: float = 0.0
+    prefix_cache_queries: int = 0  # since start, vLLM's prefix-cache counters
+    prefix_cache_hits: int = 0
+
+
+@dataclass(frozen=True)
+class EncoderLoad:
+    """An encoder replica's routing stats, read by the encoder router."""
+
+    measured_at: float
+    pending_images: int = 0  # asked for and not yet encoded (batched, or waiting for a batch)
+    images_per_s: float = 0.0  # encoded per second while encoding, over a sliding window
+    # Short prefixes of the content hashes in its embedding cache, most recently used last.
+    held_images: tuple[str, ...] = ()

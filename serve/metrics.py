@@ -191,6 +191,44 @@ ENCODER_CACHE_BYTES = _ours(
     "encoder_cache_bytes", "gauge", "bytes", (), "encoder", "Bytes of image-token embeddings in the cache."
 )
 
+# What the decoder and encoder routers (in the ingress replicas) see of each replica they route to.
+ROUTER_LABELS = ("stage", "routed_replica")
+ROUTER_REPLICA_TOKENS_PER_S = _ours(
+    "router_replica_tokens_per_s",
+    "gauge",
+    "short",
+    ROUTER_LABELS,
+    "ingress",
+    "A replica's measured speed as its router sees it: tokens (decoder) or images (encoder) per "
+    "second while it had work.",
+)
+ROUTER_REPLICA_IN_FLIGHT = _ours(
+    "router_replica_in_flight",
+    "gauge",
+    "short",
+    ROUTER_LABELS,
+    "ingress",
+    "Requests a router has sent a replica and not yet seen finish.",
+)
+ROUTER_REPLICA_KV_CACHE_USAGE = _ours(
+    "router_replica_kv_cache_usage",
+    "gauge",
+    "percentunit",
+    ROUTER_LABELS,
+    "ingress",
+    "A decoder replica's KV-cache use in its last routing stats (1 = full).",
+)
+ROUTER_AFFINITY_HITS = Metric(
+    "ray_ministral_router_affinity_hits",
+    "counter",
+    "short",
+    ("stage", *SERVE_LABELS),
+    "ingress",
+    "Requests routed to the replica that held part of them already (the conversation's prefix, "
+    "the image's embeddings).",
+    absent_until_first_event=True,
+)
+
 VLLM_RUNNING = _vllm("num_requests_running", "gauge", "short", "Requests in the engine's running batch.")
 VLLM_WAITING = _vllm(
     "num_requests_waiting", "gauge", "short", "Requests waiting for the engine to schedule them."
@@ -273,6 +311,10 @@ CATALOGUE: tuple[Metric, ...] = (
     ENCODER_CACHE_HITS,
     ENCODER_CACHE_MISSES,
     ENCODER_CACHE_BYTES,
+    ROUTER_REPLICA_TOKENS_PER_S,
+    ROUTER_REPLICA_IN_FLIGHT,
+    ROUTER_REPLICA_KV_CACHE_USAGE,
+    ROUTER_AFFINITY_HITS,
     VLLM_RUNNING,
     VLLM_WAITING,
     VLLM_KV_CACHE_USAGE,

@@ -37,7 +37,7 @@ def placement_app(config: AppConfig):
     from deployments.stand_ins import StandInDecoder, StandInEncoder
     from serve.app import decoder_options
 
-    encoder = StandInEncoder.options(**config.deployments.encoder.serve_options()).bind()
+    encoder = StandInEncoder.options(**config.deployments.encoder.serve_options("encoder")).bind()
     return StandInDecoder.options(**decoder_options(config)).bind(config, encoder)
 
 

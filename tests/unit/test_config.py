@@ -41,7 +41,7 @@ def test_replicas_xor_autoscaling():
         AppConfig.model_validate({"deployments": {"decoder": {"num_replicas": 2, "autoscaling": {}}}})
     options = AppConfig.model_validate(
         {"deployments": {"decoder": {"num_replicas": None, "autoscaling": {"max_replicas": 4}}}}
-    ).deployments.decoder.serve_options()
+    ).deployments.decoder.serve_options("decoder")
     assert options["autoscaling_config"]["max_replicas"] == 4
     assert "num_replicas" not in options
 

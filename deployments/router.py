@@ -1,0 +1,291 @@
+"""Ray Serve request routers of the decoder and encoder: thin glue around deployments/routing.py.
+
+Selected by `request_router_config` (serve/config.py `RoutingConfig`), they run
+where the stages' handles live: in the ingress replicas. Each call of
+`choose_replicas` reads the candidates' routing stats (`record_routing_stats`
+of the replicas, polled by Serve's controller) and this router's own count of
+what it has sent and not seen finish, and returns the policy's ranking, one
+replica per rank. Serve tries them in order, skipping a replica at its
+`max_ongoing_requests` (it probes the replica's queue length for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, fields
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from deployments.routing import (
+    PREFIX_BLOCK_TOKENS,
+    AffinityIndex,
+    Candidate,
+    DecodeJob,
+    InFlight,
+    RoutingSettings,
+    decoder_candidates,
+    encoder_candidates,
+    prefix_block_hashes,
+    rank,
+)
+from serve.messages import DecodeRequest, DecoderLoad, EncoderLoad
+from serve.metrics import (
+    ROUTER_AFFINITY_HITS,
+    ROUTER_REPLICA_IN_FLIGHT,
+    ROUTER_REPLICA_KV_CACHE_USAGE,
+    ROUTER_REPLICA_TOKENS_PER_S,
+    keep_alive,
+    ray_metric,
+)
+
+logger = logging.getLogger(__name__)
+
+TENTATIVE_S = 60.0
+
+
+def _load(cls, stats: dict):
+    """A replica's stats as their message, or None before its first report (or from another version)."""
+    try:
+        return cls(**{f.name: stats[f.name] for f in fields(cls) if f.name in stats}) if stats else None
+    except TypeError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Sent:
+    replica_id: str
+    work: InFlight
+
+
+class RouterMetrics:
+    """What one router sees of each replica, kept on /metrics while idle."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self._tokens_per_s = ray_metric(ROUTER_REPLICA_TOKENS_PER_S)
+        self._in_flight = ray_metric(ROUTER_REPLICA_IN_FLIGHT)
+        self._kv_cache_usage = ray_metric(ROUTER_REPLICA_KV_CACHE_USAGE)
+        self._affinity_hits = ray_metric(ROUTER_AFFINITY_HITS)
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int, float | None]] = {}
+        keep_alive(self._set_all)
+
+    def saw(self, replica_id: str, rate: float, in_flight: int, kv_cache_usage: float | None) -> None:
+        with self._lock:
+            self._seen[replica_id] = (rate, in_flight, kv_cache_usage)
+
+    def forget(self, replica_ids: set[str]) -> None:
+        with self._lock:
+            for replica_id in replica_ids:
+                self._seen.pop(replica_id, None)
+
+    def affinity_hit(self) -> None:
+        self._affinity_hits.inc(tags={"stage": self.stage})
+
+    def _set_all(self) -> None:
+        with self._lock:
+            seen = dict(self._seen)
+        for replica_id, (rate, in_flight, kv_cache_usage) in seen.items():
+            tags = {"stage": self.stage, "routed_replica": replica_id}
+            self._tokens_per_s.set(rate, tags=tags)
+            self._in_flight.set(in_flight, tags=tags)
+            if kv_cache_usage is not None:
+                self._kv_cache_usage.set(kv_cache_usage, tags=tags)
+
+
+class _StageRouter(RequestRouter):
+    """What both routers share: settings, the in-flight ledger, forgetting vanished replicas."""
+
+    stage = ""
+
+    def initialize_state(self, **settings):
+        self._settings = RoutingSettings(**settings)
+        self._affinity = AffinityIndex()
+        self._sent: dict[str, _Sent] = {}
+        self._in_flight: dict[str, InFlight] = {}
+        self._affinity_choice: dict[str, str] = {}  # request id -> the replica its affinity picked
+        # Ranked first, not yet routed: request id -> (replica, work, when). Counted as in flight,
+        # so that requests ranked at the same instant see each other.
+        self._tentative: dict[str, tuple[str, InFlight, float]] = {}
+        self._metrics = RouterMetrics(self.stage)
+
+    def update_replicas(self, replicas: list[RunningReplica]):
+        current = {r.replica_id.unique_id for r in replicas}
+        gone = {r.unique_id for r in self._replicas} - current
+        if gone:
+            self._affinity.forget(gone)
+            self._metrics.forget(gone)
+            for replica_id in gone:
+                self._in_flight.pop(replica_id, None)
+        return super().update_replicas(replicas)
+
+    def _add(self, replica_id: str, work: InFlight, sign: int) -> InFlight:
+        held = self._in_flight.get(replica_id, InFlight())
+        held = InFlight(
+            requests=max(0, held.requests + sign * work.requests),
+            prefill_tokens=max(0, held.prefill_tokens + sign * work.prefill_tokens),
+            work=max(0, held.work + sign * work.work),
+        )
+        self._in_flight[replica_id] = held
+        return held
+
+    def _routed(self, pending_request: PendingRequest, replica_id: ReplicaID, work: InFlight) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        self._untentative(request_id)
+        chosen = replica_id.unique_id
+        self._sent[request_id] = _Sent(chosen, work)
+        self._add(chosen, work, +1)
+        if self._affinity_choice.pop(request_id, None) == chosen:
+            self._metrics.affinity_hit()
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        sent = self._sent.pop(internal_request_id, None)
+        if sent is not None:
+            self._add(sent.replica_id, sent.work, -1)
+
+    def _untentative(self, request_id: str) -> None:
+        if (tentative := self._tentative.pop(request_id, None)) is not None:
+            self._add(tentative[0], tentative[1], -1)
+
+    def _ranked(
+        self,
+        candidate_replicas: list[RunningReplica],
+        candidates: list[Candidate],
+        pending_request: PendingRequest,
+        work: InFlight,
+    ) -> list[list[RunningReplica]]:
+        """The policy's ranking as Serve's. The first is counted as in flight until the request
+        is routed (a request never routed is dropped from the count after a minute)."""
+        request_id = pending_request.metadata.internal_request_id
+        now = time.monotonic()
+        for stale in [r for r, (_, _, when) in self._tentative.items() if now - when > TENTATIVE_S]:
+            self._untentative(stale)
+        self._untentative(request_id)
+        ranks = rank(candidates, self._settings)
+        if ranks:
+            first = ranks[0][0]
+            self._tentative[request_id] = (first, work, now)
+            self._add(first, work, +1)
+            if any(c.replica_id == first and c.affinity > 0 for c in candidates):
+                self._affinity_choice[request_id] = first
+                if len(self._affinity_choice) > 4096:
+                    self._affinity_choice.pop(next(iter(self._affinity_choice)))
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        return [[by_id[replica_id] for replica_id in group] for group in ranks]
+
+
+class DecoderRouter(_StageRouter):
+    """Sends a generation where it finishes soonest, with affinity for the conversation's prefix."""
+
+    stage = "decoder"
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        request = _decode_request(pending_request)
+        if not candidate_replicas or request is None:
+            # Calls other than a generation (engine info, health): any replica.
+            return [candidate_replicas] if candidate_replicas else []
+        now = time.time()
+        replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
+        loads = {r.replica_id.unique_id: _load(DecoderLoad, r.routing_stats) for r in candidate_replicas}
+        loads = {replica_id: load for replica_id, load in loads.items() if load is not None}
+        blocks = prefix_block_hashes(request.prompt_token_ids)
+        matched_blocks = self._affinity.prefix_matches(blocks)
+        job = _job(request)
+        candidates = decoder_candidates(
+            replica_ids,
+            loads,
+            self._in_flight,
+            {r: n * PREFIX_BLOCK_TOKENS for r, n in matched_blocks.items()},
+            job,
+            now,
+            self._settings,
+        )
+        for candidate in candidates:
+            load = loads.get(candidate.replica_id)
+            self._metrics.saw(
+                candidate.replica_id,
+                candidate.rate,
+                self._in_flight.get(candidate.replica_id, InFlight()).requests,
+                load.kv_cache_usage if load else None,
+            )
+        return self._ranked(candidate_replicas, candidates, pending_request, _work(job))
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        request = _decode_request(pending_request)
+        if request is None:
+            return
+        self._affinity.record(prefix_block_hashes(request.prompt_token_ids), replica_id.unique_id)
+        self._routed(pending_request, replica_id, _work(_job(request)))
+
+
+def _decode_request(pending_request: PendingRequest | None) -> DecodeRequest | None:
+    if pending_request is None or not pending_request.args:
+        return None
+    request = pending_request.args[0]
+    return request if isinstance(request, DecodeRequest) else None
+
+
+def _work(job: DecodeJob) -> InFlight:
+    return InFlight(requests=1, work=job.max_new_tokens, prefill_tokens=job.prompt_tokens)
+
+
+def _job(request: DecodeRequest) -> DecodeJob:
+    return DecodeJob(
+        prompt_tokens=len(request.prompt_token_ids),
+        max_new_tokens=request.sampling.max_tokens * request.sampling.n,
+    )
+
+
+class EncoderRouter(_StageRouter):
+    """Sends images to the replica that holds their embeddings, otherwise where they are encoded soonest."""
+
+    stage = "encoder"
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        image_hashes = _image_hashes(pending_request)
+        if not candidate_replicas or not image_hashes:
+            return [candidate_replicas] if candidate_replicas else []
+        replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
+        loads = {r.replica_id.unique_id: _load(EncoderLoad, r.routing_stats) for r in candidate_replicas}
+        loads = {replica_id: load for replica_id, load in loads.items() if load is not None}
+        candidates = encoder_candidates(
+            replica_ids,
+            loads,
+            self._in_flight,
+            self._affinity.holders(image_hashes),
+            image_hashes,
+            time.time(),
+            self._settings,
+        )
+        for candidate in candidates:
+            self._metrics.saw(
+                candidate.replica_id,
+                candidate.rate,
+                self._in_flight.get(candidate.replica_id, InFlight()).requests,
+                None,
+            )
+        work = InFlight(requests=1, work=len(image_hashes))
+        return self._ranked(candidate_replicas, candidates, pending_request, work)
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        image_hashes = _image_hashes(pending_request)
+        if not image_hashes:
+            return
+        self._affinity.record(image_hashes, replica_id.unique_id)
+        self._routed(pending_request, replica_id, InFlight(requests=1, work=len(image_hashes)))
+
+
+def _image_hashes(pending_request: PendingRequest | None) -> tuple[str, ...]:
+    if pending_request is None:
+        return ()
+    return tuple(pending_request.kwargs.get("image_hashes", ()))

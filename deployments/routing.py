@@ -1,0 +1,296 @@
+"""Where a request should go: the routing policy of the decoder and encoder routers.
+
+Pure functions and small classes, no Ray: `deployments/router.py` is the
+Ray Serve glue that feeds them each replica's stats and the router's own
+live counts, and turns their ranking into Serve's.
+
+The policy, for both stages: estimate, for every candidate replica, how long
+it would take to finish what it already holds plus the new request,
+
+    estimate_s = (queued_work + new_work) / rate
+
+in the stage's unit of work (tokens for the decoder, images for the
+encoder), where `rate` is the replica's own measured speed (work per second
+while it had work). Replicas are ranked by that estimate, soonest first. A
+replica that holds part of the request already (the conversation's earlier
+turns in its prefix cache, the image's embeddings in its cache) has less
+new work, and it is moved to the front unless its estimate exceeds the best
+by more than `affinity_tolerance`: cached work is worth a little waiting,
+not a queue. A decoder replica whose KV cache cannot take the request goes
+last (vLLM would queue it, or preempt others for it).
+
+Stats arrive late (the controller polls them every few seconds), so the
+router also counts what it has sent to each replica and not yet seen finish,
+from the moment it ranks a replica first (requests routed at the same
+instant see each other); the larger of the two views of queued work is used.
+Each rank holds one replica: Serve tries them in order, skipping a replica at
+its `max_ongoing_requests`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from serve.messages import DecoderLoad, EncoderLoad
+
+# Work per prompt token relative to a generated token: a prefill step handles
+# many prompt tokens at once, so each costs a fraction of a decode step.
+PREFILL_TOKEN_WEIGHT = 0.1
+PREFIX_BLOCK_TOKENS = 64
+MAX_PREFIX_BLOCKS = 256
+HELD_IMAGE_PREFIX_CHARS = 12
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    affinity_tolerance: float = 1.5  # a cached replica is preferred up to this x the best estimate
+    affinity_slack_s: float = 0.05  # ... plus this, so that near-idle replicas keep their affinity
+    stale_after_s: float = 10.0  # older stats count for speed only, not for load
+    kv_usage_limit: float = 0.95
+    default_tokens_per_s: float = 100.0  # before any replica has measured its speed
+    default_images_per_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One replica as the ranking sees it."""
+
+    replica_id: str
+    queued_work: float
+    new_work: float
+    rate: float  # work per second, > 0
+    affinity: float = 0.0  # how much of the request it holds (tokens or images); 0: none
+    fits: bool = True
+
+    @property
+    def estimate_s(self) -> float:
+        return (self.queued_work + self.new_work) / self.rate
+
+
+def rank(candidates: Sequence[Candidate], settings: RoutingSettings) -> list[list[str]]:
+    """Replica ids in ranks of one, best first: soonest estimated finish, affinity within
+    tolerance, replicas that cannot take the request last; exact ties by replica id."""
+    if not candidates:
+        return []
+    fitting = sorted((c for c in candidates if c.fits), key=lambda c: (c.estimate_s, c.replica_id))
+    full = sorted((c for c in candidates if not c.fits), key=lambda c: (c.estimate_s, c.replica_id))
+    ranks: list[list[str]] = []
+    if fitting:
+        best_s = fitting[0].estimate_s
+        holders = [c for c in fitting if c.affinity > 0]
+        if holders:
+            holder = max(holders, key=lambda c: (c.affinity, -c.estimate_s))
+            if holder.estimate_s <= best_s * settings.affinity_tolerance + settings.affinity_slack_s:
+                ranks.append([holder.replica_id])
+                fitting = [c for c in fitting if c is not holder]
+        ranks.extend([c.replica_id] for c in fitting)
+    ranks.extend([c.replica_id] for c in full)
+    return ranks
+
+
+class ThroughputWindow:
+    """Work per second while busy, over the last `window_s` seconds.
+
+    Time with no work in hand does not count: an idle replica keeps the speed
+    it showed when it last worked, instead of looking slow. A gap between two
+    records longer than `max_step_s` is idle time, whatever `busy` says (no
+    engine step takes that long; the first step after an idle spell does not
+    make the spell busy)."""
+
+    def __init__(self, window_s: float = 30.0, max_step_s: float = 2.0):
+        self.window_s = window_s
+        self.max_step_s = max_step_s
+        self._intervals: deque[tuple[float, float, float]] = deque()  # (end, busy seconds, work)
+        self._last: float | None = None
+
+    def record(self, now: float, work: float, busy: bool) -> None:
+        """Called after each step: `work` done since the previous call; `busy`: work was in hand."""
+        if self._last is not None and busy and 0 < now - self._last <= self.max_step_s:
+            self.add(now, now - self._last, work)
+        self._last = now
+
+    def add(self, now: float, busy_s: float, work: float) -> None:
+        """`work` done in `busy_s` seconds of work, ending now (a batch, timed by its caller)."""
+        self._intervals.append((now, busy_s, work))
+        while self._intervals and self._intervals[0][0] < now - self.window_s:
+            self._intervals.popleft()
+
+    def rate(self) -> float:
+        busy_s = sum(seconds for _, seconds, _ in self._intervals)
+        work = sum(done for _, _, done in self._intervals)
+        return work / busy_s if busy_s > 0 else 0.0
+
+
+def prefix_block_hashes(token_ids: Sequence[int], block_tokens: int = PREFIX_BLOCK_TOKENS) -> list[bytes]:
+    """Chained hashes of the prompt's full blocks, as vLLM's prefix cache keys its blocks:
+    two prompts share the first k hashes exactly when they share the first k blocks."""
+    hashes = []
+    previous = b""
+    full_blocks = min(len(token_ids) // block_tokens, MAX_PREFIX_BLOCKS)
+    for block in range(full_blocks):
+        tokens = token_ids[block * block_tokens : (block + 1) * block_tokens]
+        previous = hashlib.blake2b(
+            previous + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=12
+        ).digest()
+        hashes.append(previous)
+    return hashes
+
+
+class AffinityIndex:
+    """Which replicas were sent each key (a prefix block, an image), least recently used dropped."""
+
+    def __init__(self, max_keys: int = 65536, replicas_per_key: int = 4):
+        self.max_keys = max_keys
+        self.replicas_per_key = replicas_per_key
+        self._replicas_of: OrderedDict[Hashable, tuple[str, ...]] = OrderedDict()
+
+    def record(self, keys: Sequence[Hashable], replica_id: str) -> None:
+        for key in keys:
+            others = tuple(r for r in self._replicas_of.pop(key, ()) if r != replica_id)
+            self._replicas_of[key] = (*others, replica_id)[-self.replicas_per_key :]
+        while len(self._replicas_of) > self.max_keys:
+            self._replicas_of.popitem(last=False)
+
+    def prefix_matches(self, chained_keys: Sequence[Hashable]) -> dict[str, int]:
+        """Per replica, how many leading keys it was sent. The keys are chained (each names
+        its whole prefix), so a replica sent key k has seen keys 0..k."""
+        matches: dict[str, int] = {}
+        for position, key in enumerate(chained_keys):
+            for replica_id in self._replicas_of.get(key, ()):
+                matches[replica_id] = position + 1
+        return matches
+
+    def holders(self, keys: Sequence[Hashable]) -> dict[str, int]:
+        """Per replica, how many of the keys it was sent."""
+        counts: dict[str, int] = {}
+        for key in keys:
+            for replica_id in self._replicas_of.get(key, ()):
+                counts[replica_id] = counts.get(replica_id, 0) + 1
+        return counts
+
+    def forget(self, replica_ids: set[str]) -> None:
+        """Drop replicas that are gone (their caches went with them)."""
+        for key, holders in list(self._replicas_of.items()):
+            kept = tuple(r for r in holders if r not in replica_ids)
+            if kept:
+                self._replicas_of[key] = kept
+            else:
+                del self._replicas_of[key]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """What this router has sent a replica and not yet seen finish."""
+
+    requests: int = 0
+    work: float = 0  # decoder: tokens still to generate (max_tokens each); encoder: images
+    prefill_tokens: int = 0  # decoder: prompt tokens
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    prompt_tokens: int
+    max_new_tokens: int  # max_tokens x choices
+
+
+def _fresh(measured_at: float | None, now: float, settings: RoutingSettings) -> bool:
+    return measured_at is not None and now - measured_at <= settings.stale_after_s
+
+
+def _known_rate(rates: list[float], default: float) -> float:
+    """Rate for a replica that has not measured its own: the median of those that have."""
+    measured = [rate for rate in rates if rate > 0]
+    return statistics.median(measured) if measured else default
+
+
+def decoder_candidates(
+    replica_ids: Sequence[str],
+    loads: dict[str, DecoderLoad],
+    in_flight: dict[str, InFlight],
+    prefix_matches: dict[str, int],
+    job: DecodeJob,
+    now: float,
+    settings: RoutingSettings,
+) -> list[Candidate]:
+    """Decoder replicas as candidates, in tokens: a decode token costs 1, a prompt token
+    PREFILL_TOKEN_WEIGHT, and prompt tokens already in a replica's prefix cache nothing.
+
+    `prefix_matches`: per replica, leading prompt tokens it has been sent before (the affinity
+    index). Its affinity is what it holds beyond the best other replica: a prefix every
+    replica holds (a shared system prompt) pulls nowhere. A replica without stats (new) or
+    with stale stats counts only the router's in-flight work."""
+    speed_limit_s = settings.stale_after_s * 6
+    rates = {
+        r: loads[r].tokens_per_s if r in loads and now - loads[r].measured_at <= speed_limit_s else 0.0
+        for r in replica_ids
+    }
+    fallback = _known_rate(list(rates.values()), settings.default_tokens_per_s)
+    candidates = []
+    for replica_id in replica_ids:
+        load = loads.get(replica_id)
+        live = in_flight.get(replica_id, InFlight())
+        queued = live.work + PREFILL_TOKEN_WEIGHT * live.prefill_tokens
+        fits = True
+        if load is not None and _fresh(load.measured_at, now, settings):
+            reported = load.decode_tokens_pending + PREFILL_TOKEN_WEIGHT * load.prefill_tokens_pending
+            queued = max(queued, reported)
+            if load.kv_cache_tokens > 0:
+                needed = (job.prompt_tokens + job.max_new_tokens) / load.kv_cache_tokens
+                fits = load.kv_cache_usage + needed <= settings.kv_usage_limit
+        cached = min(prefix_matches.get(replica_id, 0), job.prompt_tokens)
+        best_elsewhere = max((m for r, m in prefix_matches.items() if r != replica_id), default=0)
+        candidates.append(
+            Candidate(
+                replica_id=replica_id,
+                queued_work=queued,
+                new_work=job.max_new_tokens + PREFILL_TOKEN_WEIGHT * (job.prompt_tokens - cached),
+                rate=rates[replica_id] or fallback,
+                affinity=max(0, cached - min(best_elsewhere, job.prompt_tokens)),
+                fits=fits,
+            )
+        )
+    return candidates
+
+
+def encoder_candidates(
+    replica_ids: Sequence[str],
+    loads: dict[str, EncoderLoad],
+    in_flight: dict[str, InFlight],
+    routed_images: dict[str, int],
+    image_hashes: Sequence[str],
+    now: float,
+    settings: RoutingSettings,
+) -> list[Candidate]:
+    """Encoder replicas as candidates, in images: an image a replica holds (its reported cache,
+    or `routed_images`: sent there by this router) costs it nothing."""
+    speed_limit_s = settings.stale_after_s * 6
+    rates = {
+        r: loads[r].images_per_s if r in loads and now - loads[r].measured_at <= speed_limit_s else 0.0
+        for r in replica_ids
+    }
+    fallback = _known_rate(list(rates.values()), settings.default_images_per_s)
+    prefixes = [h[:HELD_IMAGE_PREFIX_CHARS] for h in image_hashes]
+    candidates = []
+    for replica_id in replica_ids:
+        load = loads.get(replica_id)
+        queued = in_flight.get(replica_id, InFlight()).work
+        held = routed_images.get(replica_id, 0)
+        if load is not None and _fresh(load.measured_at, now, settings):
+            queued = max(queued, load.pending_images)
+            reported = set(load.held_images)
+            held = max(held, sum(prefix in reported for prefix in prefixes))
+        held = min(held, len(image_hashes))
+        candidates.append(
+            Candidate(
+                replica_id=replica_id,
+                queued_work=queued,
+                new_work=len(image_hashes) - held,
+                rate=rates[replica_id] or fallback,
+                affinity=held,
+            )
+        )
+    return candidates
