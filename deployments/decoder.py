@@ -129,6 +129,7 @@ class DecoderEngine:
             max_concurrency=cache_config.kv_cache_max_concurrency or 0.0,
         )
         self.load.kv_cache_tokens = self.info.kv_cache_tokens
+        self.load.max_running = self.engine.vllm_config.scheduler_config.max_num_seqs
         logger.info(
             "decoder ready: %s, %s, max_model_len=%d, sampling defaults %s",
             checkpoint.path,

@@ -52,8 +52,9 @@ class EngineLoad:
     sums over the requests this replica holds (`admitted` ... `finished`).
     """
 
-    def __init__(self, kv_cache_tokens: int = 0):
+    def __init__(self, kv_cache_tokens: int = 0, max_running: int = 0):
         self.kv_cache_tokens = kv_cache_tokens
+        self.max_running = max_running
         self._scheduler: SchedulerStats | None = None
         self._prefix_queries = 0
         self._prefix_hits = 0
@@ -86,6 +87,7 @@ class EngineLoad:
 
     def load(self, now: float) -> DecoderLoad:
         scheduler = self._scheduler
+        step_s, batch = self._speed.mean_step()
         return DecoderLoad(
             measured_at=now,
             running=scheduler.num_running_reqs if scheduler else 0,
@@ -94,6 +96,9 @@ class EngineLoad:
             kv_cache_tokens=self.kv_cache_tokens,
             prefill_tokens_pending=self.prefill_tokens_pending,
             decode_tokens_pending=self.decode_tokens_pending,
+            max_running=self.max_running,
+            step_s=step_s,
+            batch=batch,
             tokens_per_s=self._speed.rate(),
             prefix_cache_queries=self._prefix_queries,
             prefix_cache_hits=self._prefix_hits,

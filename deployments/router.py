@@ -204,12 +204,12 @@ class DecoderRouter(_StageRouter):
             now,
             self._settings,
         )
-        for candidate in candidates:
-            load = loads.get(candidate.replica_id)
+        for replica_id in replica_ids:
+            load = loads.get(replica_id)
             self._metrics.saw(
-                candidate.replica_id,
-                candidate.rate,
-                self._in_flight.get(candidate.replica_id, InFlight()).requests,
+                replica_id,
+                load.tokens_per_s if load else 0.0,
+                self._in_flight.get(replica_id, InFlight()).requests,
                 load.kv_cache_usage if load else None,
             )
         return self._ranked(candidate_replicas, candidates, pending_request, _work(job))
@@ -265,11 +265,12 @@ class EncoderRouter(_StageRouter):
             time.time(),
             self._settings,
         )
-        for candidate in candidates:
+        for replica_id in replica_ids:
+            load = loads.get(replica_id)
             self._metrics.saw(
-                candidate.replica_id,
-                candidate.rate,
-                self._in_flight.get(candidate.replica_id, InFlight()).requests,
+                replica_id,
+                load.images_per_s if load else 0.0,
+                self._in_flight.get(replica_id, InFlight()).requests,
                 None,
             )
         work = InFlight(requests=1, work=len(image_hashes))

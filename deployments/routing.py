@@ -4,25 +4,40 @@ Pure functions and small classes, no Ray: `deployments/router.py` is the
 Ray Serve glue that feeds them each replica's stats and the router's own
 live counts, and turns their ranking into Serve's.
 
-The policy, for both stages: estimate, for every candidate replica, how long
-it would take to finish what it already holds plus the new request,
+For every candidate replica the policy estimates when the new request would
+be done there, and ranks the replicas soonest first.
 
-    estimate_s = (queued_work + new_work) / rate
+Decoder (continuous batching: a request joins the running batch and gets one
+token per engine step, and each step takes longer the larger the batch):
 
-in the stage's unit of work (tokens for the decoder, images for the
-encoder), where `rate` is the replica's own measured speed (work per second
-while it had work). Replicas are ranked by that estimate, soonest first. A
-replica that holds part of the request already (the conversation's earlier
-turns in its prefix cache, the image's embeddings in its cache) has less
-new work, and it is moved to the front unless its estimate exceeds the best
-by more than `affinity_tolerance`: cached work is worth a little waiting,
-not a queue. A decoder replica whose KV cache cannot take the request goes
-last (vLLM would queue it, or preempt others for it).
+    b          = requests the replica holds (running + waiting)
+    step(b+1)  = step_s x (min(b + 1, max_running) + C) / (batch + C)
+    wait       = max(0, b + 1 - max_running) / max_running x tokens left per held request
+    estimate_s = step(b+1) x (wait + max_new_tokens + PREFILL_TOKEN_WEIGHT x uncached prompt tokens)
+
+`step_s` and `batch` are the replica's own measured mean step time and batch
+while busy; a replica at half speed takes twice as long per step. C
+(`step_fixed_sequences`) is what a step costs with no sequence in it, in
+sequences: a step's time is fixed cost plus cost per sequence, and the
+fixed part dominates small batches (on a GPU, reading the weights). A
+throughput in tokens per second would not do: it grows with the batch, so
+the busiest replica would look the fastest and draw yet more work.
+
+Encoder (a replica encodes its pending images in batches):
+
+    estimate_s = (pending images + images of the request it does not hold) / images per second
+
+Affinity: a replica that holds part of the request already (the
+conversation's earlier turns in its prefix cache, the images' embeddings in
+its cache) is moved to the front unless its estimate exceeds the best by
+more than `affinity_tolerance`: cached work is worth a little waiting, not a
+queue. A decoder replica whose KV cache cannot take the request goes last
+(vLLM would queue it, or preempt others for it).
 
 Stats arrive late (the controller polls them every few seconds), so the
 router also counts what it has sent to each replica and not yet seen finish,
 from the moment it ranks a replica first (requests routed at the same
-instant see each other); the larger of the two views of queued work is used.
+instant see each other); the larger of the two views of held work is used.
 Each rank holds one replica: Serve tries them in order, skipping a replica at
 its `max_ongoing_requests`.
 """
@@ -51,7 +66,8 @@ class RoutingSettings:
     affinity_slack_s: float = 0.05  # ... plus this, so that near-idle replicas keep their affinity
     stale_after_s: float = 10.0  # older stats count for speed only, not for load
     kv_usage_limit: float = 0.95
-    default_tokens_per_s: float = 100.0  # before any replica has measured its speed
+    step_fixed_sequences: float = 16.0  # C above
+    default_step_s: float = 0.03  # before any replica has measured its steps
     default_images_per_s: float = 10.0
 
 
@@ -60,15 +76,9 @@ class Candidate:
     """One replica as the ranking sees it."""
 
     replica_id: str
-    queued_work: float
-    new_work: float
-    rate: float  # work per second, > 0
+    estimate_s: float
     affinity: float = 0.0  # how much of the request it holds (tokens or images); 0: none
     fits: bool = True
-
-    @property
-    def estimate_s(self) -> float:
-        return (self.queued_work + self.new_work) / self.rate
 
 
 def rank(candidates: Sequence[Candidate], settings: RoutingSettings) -> list[list[str]]:
@@ -123,6 +133,16 @@ class ThroughputWindow:
         busy_s = sum(seconds for _, seconds, _ in self._intervals)
         work = sum(done for _, _, done in self._intervals)
         return work / busy_s if busy_s > 0 else 0.0
+
+    def mean_step(self) -> tuple[float, float]:
+        """(seconds, work) of the mean recorded step; (0, 0) before any."""
+        if not self._intervals:
+            return 0.0, 0.0
+        steps = len(self._intervals)
+        return (
+            sum(seconds for _, seconds, _ in self._intervals) / steps,
+            sum(done for _, _, done in self._intervals) / steps,
+        )
 
 
 def prefix_block_hashes(token_ids: Sequence[int], block_tokens: int = PREFIX_BLOCK_TOKENS) -> list[bytes]:
@@ -216,39 +236,55 @@ def decoder_candidates(
     now: float,
     settings: RoutingSettings,
 ) -> list[Candidate]:
-    """Decoder replicas as candidates, in tokens: a decode token costs 1, a prompt token
-    PREFILL_TOKEN_WEIGHT, and prompt tokens already in a replica's prefix cache nothing.
+    """Decoder replicas as candidates, by the estimate in the module's docstring.
 
     `prefix_matches`: per replica, leading prompt tokens it has been sent before (the affinity
     index). Its affinity is what it holds beyond the best other replica: a prefix every
-    replica holds (a shared system prompt) pulls nowhere. A replica without stats (new) or
-    with stale stats counts only the router's in-flight work."""
+    replica holds (a shared system prompt) pulls nowhere. A replica that has not measured its
+    steps takes the median of those that have; without fresh stats, only the router's
+    in-flight count says what it holds."""
     speed_limit_s = settings.stale_after_s * 6
-    rates = {
-        r: loads[r].tokens_per_s if r in loads and now - loads[r].measured_at <= speed_limit_s else 0.0
+    measured = {
+        r: loads[r]
         for r in replica_ids
+        if r in loads and loads[r].step_s > 0 and now - loads[r].measured_at <= speed_limit_s
     }
-    fallback = _known_rate(list(rates.values()), settings.default_tokens_per_s)
+    # A replica yet to measure: the median replica's step time per (batch + C).
+    unit_step_s = _known_rate(
+        [load.step_s / (load.batch + settings.step_fixed_sequences) for load in measured.values()],
+        settings.default_step_s / (1 + settings.step_fixed_sequences),
+    )
     candidates = []
     for replica_id in replica_ids:
         load = loads.get(replica_id)
         live = in_flight.get(replica_id, InFlight())
-        queued = live.work + PREFILL_TOKEN_WEIGHT * live.prefill_tokens
+        held, tokens_left = live.requests, live.work
         fits = True
+        max_running = 0
         if load is not None and _fresh(load.measured_at, now, settings):
-            reported = load.decode_tokens_pending + PREFILL_TOKEN_WEIGHT * load.prefill_tokens_pending
-            queued = max(queued, reported)
+            held = max(held, load.running + load.waiting)
+            tokens_left = max(tokens_left, load.decode_tokens_pending)
+            max_running = load.max_running
             if load.kv_cache_tokens > 0:
                 needed = (job.prompt_tokens + job.max_new_tokens) / load.kv_cache_tokens
                 fits = load.kv_cache_usage + needed <= settings.kv_usage_limit
+        if replica_id in measured:
+            step = measured[replica_id]
+            unit_s = step.step_s / (step.batch + settings.step_fixed_sequences)
+        else:
+            unit_s = unit_step_s
+        batch_joined = min(held + 1, max_running) if max_running else held + 1
+        step_s = unit_s * (batch_joined + settings.step_fixed_sequences)
+        wait_tokens = 0.0
+        if max_running and held + 1 > max_running:
+            wait_tokens = (held + 1 - max_running) / max_running * tokens_left / max(held, 1)
         cached = min(prefix_matches.get(replica_id, 0), job.prompt_tokens)
         best_elsewhere = max((m for r, m in prefix_matches.items() if r != replica_id), default=0)
+        work = wait_tokens + job.max_new_tokens + PREFILL_TOKEN_WEIGHT * (job.prompt_tokens - cached)
         candidates.append(
             Candidate(
                 replica_id=replica_id,
-                queued_work=queued,
-                new_work=job.max_new_tokens + PREFILL_TOKEN_WEIGHT * (job.prompt_tokens - cached),
-                rate=rates[replica_id] or fallback,
+                estimate_s=step_s * work,
                 affinity=max(0, cached - min(best_elsewhere, job.prompt_tokens)),
                 fits=fits,
             )
@@ -287,9 +323,7 @@ def encoder_candidates(
         candidates.append(
             Candidate(
                 replica_id=replica_id,
-                queued_work=queued,
-                new_work=len(image_hashes) - held,
-                rate=rates[replica_id] or fallback,
+                estimate_s=(queued + len(image_hashes) - held) / (rates[replica_id] or fallback),
                 affinity=held,
             )
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.decoder import Decoder
 from deployments.encoder import Encoder
@@ -44,11 +44,16 @@ def encoder_options(config: AppConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on."""
+def build_app(
+    args: dict[str, Any] | AppConfig | None = None, decoder_deployment: Deployment = Decoder
+) -> Application:
+    """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on.
+
+    `decoder_deployment`: the decoder, or a stand-in with its interface (the router benchmark
+    and the autoscaling tests use deployments/batching_stand_in.py's)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     stages = config.deployments
-    decoder = Decoder.options(**decoder_options(config)).bind(config)
+    decoder = decoder_deployment.options(**decoder_options(config)).bind(config)
     image_stages = {}
     if config.images.max_images_per_request > 0:
         image_stages = {

@@ -206,6 +206,26 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"results, table and plots in {args.output_root / args.name}/")
 
 
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        numbers = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
+    if any(number <= 0 for number in numbers):
+        raise argparse.ArgumentTypeError(f"rates must be positive, not {text!r}")
+    return numbers
+
+
+def _bench_router(args: argparse.Namespace) -> None:
+    import json
+
+    from benchmarks.router import RouterBenchSettings, run
+
+    results = run(RouterBenchSettings(rates=args.rates, seconds=args.seconds, output=args.output))
+    print(json.dumps({k: results[k] for k in ("goodput_ratio", "goodput_ratio_at_rate", "target")}))
+    print(f"results, table and plot in {args.output}/")
+
+
 def main(argv: list[str] | None = None) -> None:
     from serve.capacity import GPU_MEMORY_GIB
     from serve.layouts import LAYOUTS
@@ -319,6 +339,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
     bench.set_defaults(handler=_bench)
+
+    bench_router = commands.add_parser(
+        "bench-router",
+        help="our decoder router against Ray Serve's default, on stand-in decoders of unequal speed",
+    )
+    bench_router.add_argument(
+        "--rates",
+        type=_numbers,
+        default=(4.0, 6.0, 8.0, 10.0),
+        help="offered requests/s, comma-separated",
+    )
+    bench_router.add_argument("--seconds", type=float, default=30.0, help="arrivals per run, in seconds")
+    bench_router.add_argument(
+        "--output", type=Path, default=Path("benchmarks/results/router"), help="results folder"
+    )
+    bench_router.set_defaults(handler=_bench_router)
 
     args = parser.parse_args(argv)
     args.handler(args)

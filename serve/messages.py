@@ -164,8 +164,8 @@ class DecoderLoad:
 
     running, waiting and kv_cache_usage are vLLM's scheduler stats at its last
     step; the token counts are exact sums over the requests the replica holds;
-    tokens_per_s is what the engine generated per second while it had work,
-    over a sliding window (0 until it has generated)."""
+    step_s, batch and tokens_per_s are measured over a sliding window of the
+    engine's steps while it had work (0 until it has generated)."""
 
     measured_at: float  # time.time() on the replica
     running: int = 0
@@ -174,6 +174,9 @@ class DecoderLoad:
     kv_cache_tokens: int = 0
     prefill_tokens_pending: int = 0  # prompt tokens of requests not yet past their first token
     decode_tokens_pending: int = 0  # tokens still to generate, at most max_tokens per request
+    max_running: int = 0  # the engine's batch limit (max_num_seqs); 0: unknown
+    step_s: float = 0.0  # mean engine step time
+    batch: float = 0.0  # mean tokens generated per step (the decode batch)
     tokens_per_s: float = 0.0
     prefix_cache_queries: int = 0  # since start, vLLM's prefix-cache counters
     prefix_cache_hits: int = 0

@@ -25,6 +25,10 @@ def start_own_ray(
     # Serve's controller sets its replica-health gauge again every 10 s by
     # default; Ray drops a gauge two report intervals after its last set.
     os.environ["RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S"] = "0.5"
+    # Autoscaling sees replicas' and handles' load within a second instead of ten, so that
+    # tests can scale stages with delays of seconds.
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "1"
     options = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
     ray.init(
         address="local",

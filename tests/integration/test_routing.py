@@ -1,8 +1,8 @@
 """The decoder router against Ray Serve's default, on two real decoder replicas (vLLM on CPU).
 
-One text-only application of its own (`/routing`), deployed twice with the same
-settings: first with Serve's default router (power of two choices on queue
-length), then with ours. Both get the same multi-turn workload: conversations
+One text-only application of its own (`/routing`), with two decoder replicas:
+first with Serve's default router (power of two choices on queue length),
+then, the same engines reconfigured, with ours. Both get the same multi-turn workload: conversations
 whose every turn resends the earlier turns, run side by side. What decides
 the comparison is vLLM's own prefix-cache hit counter on the two engines
 (`ray_vllm_prefix_cache_hits_total`, by replica): a later turn that reaches
@@ -65,7 +65,7 @@ def converse(client, conversation: int) -> list[int]:
         reply = client.chat.completions.create(
             model="demo",
             messages=messages,
-            max_tokens=6 + 3 * conversation,
+            max_tokens=6 + 3 * (conversation % 100),
             temperature=0,
             extra_body={"ignore_eos": True},
         )
@@ -77,10 +77,13 @@ def converse(client, conversation: int) -> list[int]:
     return prompt_tokens
 
 
-def deploy_and_run(ray_cluster, demo_checkpoint, router: str) -> Run:
-    from openai import OpenAI
+def deploy(demo_checkpoint, router: str) -> None:
+    """The application with `router`. The decoder's version is pinned, so that redeploying
+    with the other router reconfigures its replicas instead of starting new engines; the
+    ingress, where the router runs, is replaced (Ray's handles keep the router they made)."""
     from ray import serve
 
+    from deployments.decoder import Decoder
     from serve.app import build_app
 
     config = AppConfig.model_validate(
@@ -93,41 +96,59 @@ def deploy_and_run(ray_cluster, demo_checkpoint, router: str) -> Run:
             "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_replicas": 2, "num_cpus": 0}},
         }
     )
-    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
-    try:
-        decoders = {name.rsplit("#", 1)[1] for name in replica_names(APP, "Decoder")}
-        assert len(decoders) == 2
-        engine = serve.get_deployment_handle("Decoder", APP).engine_info.remote().result(timeout_s=60)
-        block = engine.kv_block_size
-        client = OpenAI(base_url=f"{ray_cluster.base_url}{PREFIX}/v1", api_key="none", timeout=120)
-        with ThreadPoolExecutor(CONVERSATIONS) as pool:
-            turns = list(pool.map(lambda c: converse(client, c), range(CONVERSATIONS)))
-        later_turns = CONVERSATIONS * (TURNS - 1)
+    decoder = Decoder.options(version="routing-test")
+    serve.run(build_app(config, decoder_deployment=decoder), name=APP, route_prefix=PREFIX)
 
-        def counted(samples) -> bool:
-            prompts = scrape.by_label(samples, VLLM_PROMPT_TOKENS.series, "ReplicaId")
-            return sum(prompts.get(r, 0) for r in decoders) >= sum(map(sum, turns))
 
-        samples = scrape.reached(ray_cluster.metrics_url, counted, timeout_s=30)
+def run_workload(ray_cluster, conversations: range, decoders: set[str]) -> Run:
+    """The conversations, side by side; what vLLM's counters and the router's moved meanwhile."""
+    from openai import OpenAI
+    from ray import serve
+
+    def counters(samples) -> tuple[dict[str, float], dict[str, float], float]:
         hits = scrape.by_label(samples, VLLM_PREFIX_CACHE_HITS.series, "ReplicaId")
         prompts = scrape.by_label(samples, VLLM_PROMPT_TOKENS.series, "ReplicaId")
-        return Run(
-            prefix_cache_hits={r: hits.get(r, 0.0) for r in decoders},
-            prompt_tokens={r: prompts.get(r, 0.0) for r in decoders},
-            later_turns=later_turns,
-            held_if_routed_home=sum(t // block * block for conversation in turns for t in conversation[:-1]),
-            affinity_hits=scrape.total(
-                samples, ROUTER_AFFINITY_HITS.series, application=APP, stage="decoder"
-            ),
-        )
-    finally:
-        serve.delete(APP)
+        affinity = scrape.total(samples, ROUTER_AFFINITY_HITS.series, application=APP, stage="decoder")
+        return {r: hits.get(r, 0.0) for r in decoders}, {r: prompts.get(r, 0.0) for r in decoders}, affinity
+
+    hits_before, prompts_before, affinity_before = counters(scrape.scrape(ray_cluster.metrics_url))
+    block = (
+        serve.get_deployment_handle("Decoder", APP).engine_info.remote().result(timeout_s=60).kv_block_size
+    )
+    client = OpenAI(base_url=f"{ray_cluster.base_url}{PREFIX}/v1", api_key="none", timeout=120)
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        turns = list(pool.map(lambda c: converse(client, c), conversations))
+
+    def counted(samples) -> bool:
+        return sum(counters(samples)[1].values()) - sum(prompts_before.values()) >= sum(map(sum, turns))
+
+    hits, prompts, affinity = counters(scrape.reached(ray_cluster.metrics_url, counted, timeout_s=30))
+    return Run(
+        prefix_cache_hits={r: hits[r] - hits_before[r] for r in decoders},
+        prompt_tokens={r: prompts[r] - prompts_before[r] for r in decoders},
+        later_turns=len(conversations) * (TURNS - 1),
+        held_if_routed_home=sum(t // block * block for conversation in turns for t in conversation[:-1]),
+        affinity_hits=affinity - affinity_before,
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, demo_checkpoint) -> dict[str, Run]:
-    routers = ("serve_default", "throughput")
-    return {router: deploy_and_run(ray_cluster, demo_checkpoint, router) for router in routers}
+    from ray import serve
+
+    deploy(demo_checkpoint, "serve_default")
+    try:
+        decoders = replica_names(APP, "Decoder")
+        assert len(decoders) == 2
+        engines = {name.rsplit("#", 1)[1] for name in decoders}
+        default = run_workload(ray_cluster, range(CONVERSATIONS), engines)
+        deploy(demo_checkpoint, "throughput")
+        # The same two engines: vLLM's counters keep counting, new conversations share no prefix.
+        assert replica_names(APP, "Decoder") == decoders
+        ours = run_workload(ray_cluster, range(100, 100 + CONVERSATIONS), engines)
+    finally:
+        serve.delete(APP)
+    return {"serve_default": default, "throughput": ours}
 
 
 def test_both_routers_use_both_replicas(runs):

@@ -23,8 +23,8 @@ SETTINGS = RoutingSettings()
 NOW = 1000.0
 
 
-def c(replica_id, queued=0.0, new=10.0, rate=100.0, affinity=0.0, fits=True) -> Candidate:
-    return Candidate(replica_id, queued_work=queued, new_work=new, rate=rate, affinity=affinity, fits=fits)
+def c(replica_id, estimate=0.1, affinity=0.0, fits=True) -> Candidate:
+    return Candidate(replica_id, estimate_s=estimate, affinity=affinity, fits=fits)
 
 
 @pytest.mark.parametrize(
@@ -32,38 +32,23 @@ def c(replica_id, queued=0.0, new=10.0, rate=100.0, affinity=0.0, fits=True) -> 
     [
         pytest.param([], [], id="no-candidates"),
         pytest.param([c("a")], [["a"]], id="one"),
-        pytest.param([c("a", queued=500), c("b", queued=100)], [["b"], ["a"]], id="less-queued-first"),
-        pytest.param(
-            [c("a", queued=300, rate=100), c("b", queued=300, rate=300)], [["b"], ["a"]], id="faster-first"
-        ),
-        # a: (200 + 10) / 100 = 2.1 s; b: (300 + 10) / 300 = 1.03 s: the slower replica with less work loses.
-        pytest.param(
-            [c("a", queued=200, rate=100), c("b", queued=300, rate=300)], [["b"], ["a"]], id="work-over-speed"
-        ),
+        pytest.param([c("a", 5.0), c("b", 1.0)], [["b"], ["a"]], id="soonest-first"),
         pytest.param([c("b"), c("a")], [["a"], ["b"]], id="exact-tie-by-id"),
-        # a holds the prefix: 1.4x the best estimate is within the 1.5x tolerance.
-        pytest.param(
-            [c("a", queued=130, affinity=64), c("b", queued=90)],
-            [["a"], ["b"]],
-            id="affinity-within-tolerance",
-        ),
+        # a holds the prefix: 1.4x the best estimate is within the 1.5x tolerance ...
+        pytest.param([c("a", 1.4, affinity=64), c("b", 1.0)], [["a"], ["b"]], id="affinity-within-tolerance"),
         # ... and 2x is not: the load wins.
-        pytest.param(
-            [c("a", queued=190, affinity=64), c("b", queued=90)],
-            [["b"], ["a"]],
-            id="affinity-beyond-tolerance",
-        ),
+        pytest.param([c("a", 2.0, affinity=64), c("b", 1.0)], [["b"], ["a"]], id="affinity-beyond-tolerance"),
         pytest.param(
             [c("a", affinity=64), c("b", affinity=128), c("x")],
             [["b"], ["a"], ["x"]],
             id="most-affinity-first",
         ),
-        pytest.param([c("a", rate=1000, fits=False), c("b", queued=900)], [["b"], ["a"]], id="kv-full-last"),
+        pytest.param([c("a", 0.01, fits=False), c("b", 9.0)], [["b"], ["a"]], id="kv-full-last"),
         pytest.param(
-            [c("a", fits=False, affinity=64), c("b", queued=900)], [["b"], ["a"]], id="kv-full-beats-affinity"
+            [c("a", affinity=64, fits=False), c("b", 9.0)], [["b"], ["a"]], id="kv-full-beats-affinity"
         ),
         pytest.param(
-            [c("a", queued=50, fits=False), c("b", fits=False)], [["b"], ["a"]], id="all-full-by-estimate"
+            [c("a", 0.6, fits=False), c("b", fits=False)], [["b"], ["a"]], id="all-full-by-estimate"
         ),
     ],
 )
@@ -73,8 +58,7 @@ def test_rank(candidates, expected):
 
 def test_near_idle_replicas_keep_their_affinity_by_the_slack():
     # 0.06 s against 0.02 s is 3x, but both are idle: the slack (50 ms) keeps the conversation home.
-    holder, other = c("a", new=6, affinity=64), c("b", new=2)
-    assert rank([holder, other], SETTINGS)[0] == ["a"]
+    assert rank([c("a", 0.06, affinity=64), c("b", 0.02)], SETTINGS)[0] == ["a"]
 
 
 def load(**fields) -> DecoderLoad:
@@ -82,58 +66,94 @@ def load(**fields) -> DecoderLoad:
 
 
 JOB = DecodeJob(prompt_tokens=100, max_new_tokens=50)
+C = SETTINGS.step_fixed_sequences
 
 
 def by_id(candidates) -> dict[str, Candidate]:
     return {candidate.replica_id: candidate for candidate in candidates}
 
 
-def test_decoder_work_counts_prompt_tokens_at_their_weight_and_cached_ones_not_at_all():
-    (a,) = decoder_candidates(["a"], {"a": load(tokens_per_s=50)}, {}, {"a": 64}, JOB, NOW, SETTINGS)
-    assert a.new_work == pytest.approx(50 + PREFILL_TOKEN_WEIGHT * (100 - 64))
-    assert a.affinity == 64
-    assert a.rate == 50
+def estimates(loads, in_flight=None, matches=None, job=JOB, replica_ids=None) -> dict[str, float]:
+    replica_ids = replica_ids or sorted(loads)
+    candidates = decoder_candidates(replica_ids, loads, in_flight or {}, matches or {}, job, NOW, SETTINGS)
+    return {x.replica_id: x.estimate_s for x in candidates}
+
+
+def test_the_estimate_is_the_requests_tokens_at_the_step_time_of_the_batch_it_joins():
+    # 4 running at 40 ms a step (batch 4): joining makes 5, a step of 40 ms x (5 + C) / (4 + C).
+    (estimate,) = estimates({"a": load(running=4, step_s=0.04, batch=4)}).values()
+    assert estimate == pytest.approx(0.04 * (5 + C) / (4 + C) * (50 + PREFILL_TOKEN_WEIGHT * 100))
+
+
+def test_a_replica_at_half_speed_takes_twice_as_long():
+    found = estimates({"slow": load(step_s=0.06, batch=4), "fast": load(step_s=0.03, batch=4)})
+    assert found["slow"] == pytest.approx(2 * found["fast"])
+
+
+def test_a_busier_replica_does_not_look_faster():
+    # Same hardware (30 ms + 2 ms per sequence): a's batch of 10 makes more tokens per second
+    # than b's batch of 2, but a new request finishes sooner on b.
+    busy = load(running=10, step_s=0.030 + 0.002 * 10, batch=10)
+    quiet = load(running=2, step_s=0.030 + 0.002 * 2, batch=2)
+    found = estimates({"busy": busy, "quiet": quiet})
+    assert found["quiet"] < found["busy"]
+
+
+def test_prompt_tokens_in_the_prefix_cache_cost_nothing():
+    loads = {"a": load(step_s=0.03, batch=1), "b": load(step_s=0.03, batch=1)}
+    found = by_id(decoder_candidates(["a", "b"], loads, {}, {"a": 64}, JOB, NOW, SETTINGS))
+    step = 0.03 * (1 + C) / (1 + C)
+    assert found["b"].estimate_s - found["a"].estimate_s == pytest.approx(step * PREFILL_TOKEN_WEIGHT * 64)
+    assert (found["a"].affinity, found["b"].affinity) == (64, 0)
 
 
 def test_a_prefix_every_replica_holds_pulls_nowhere():
-    matches = {"a": 64, "b": 64}
-    candidates = decoder_candidates(["a", "b"], {}, {}, matches, JOB, NOW, SETTINGS)
+    candidates = decoder_candidates(["a", "b"], {}, {}, {"a": 64, "b": 64}, JOB, NOW, SETTINGS)
     assert [x.affinity for x in candidates] == [0, 0]
-    matches = {"a": 192, "b": 64}
-    a, b = decoder_candidates(["a", "b"], {}, {}, matches, JOB, NOW, SETTINGS)
+    a, b = decoder_candidates(["a", "b"], {}, {}, {"a": 192, "b": 64}, JOB, NOW, SETTINGS)
     # a holds more than the prompt beyond b's share: at most the prompt counts.
     assert (a.affinity, b.affinity) == (100 - 64, 0)
 
 
-def test_queued_work_is_the_larger_of_the_reported_and_the_routers_own():
-    reported = load(decode_tokens_pending=400, prefill_tokens_pending=1000)
-    live = {"a": InFlight(requests=2, work=100, prefill_tokens=50)}
-    (a,) = decoder_candidates(["a"], {"a": reported}, live, {}, JOB, NOW, SETTINGS)
-    assert a.queued_work == pytest.approx(400 + PREFILL_TOKEN_WEIGHT * 1000)
-    live = {"a": InFlight(requests=9, work=2000, prefill_tokens=0)}
-    (a,) = decoder_candidates(["a"], {"a": reported}, live, {}, JOB, NOW, SETTINGS)
-    assert a.queued_work == 2000
+def test_held_requests_are_the_larger_of_the_reported_and_the_routers_own():
+    step = {"step_s": 0.03, "batch": 1}
+    reported = estimates({"a": load(running=6, **step)})["a"]
+    live = {"a": InFlight(requests=2, work=100)}
+    assert estimates({"a": load(running=6, **step)}, in_flight=live)["a"] == pytest.approx(reported)
+    live = {"a": InFlight(requests=9, work=900)}
+    assert estimates({"a": load(running=6, **step)}, in_flight=live)["a"] > reported
 
 
-def test_a_replica_with_no_stats_yet_takes_the_median_speed_of_the_others():
-    loads = {"a": load(tokens_per_s=100), "b": load(tokens_per_s=300), "c": load(tokens_per_s=200)}
-    candidates = by_id(decoder_candidates(["a", "b", "c", "new"], loads, {}, {}, JOB, NOW, SETTINGS))
-    assert candidates["new"].rate == 200
-    assert candidates["new"].queued_work == 0
+def test_a_full_batch_adds_the_wait_for_a_free_slot():
+    # 8 held, 4 run at once: the new request is 5th in line for a slot, the held ones have
+    # 800 / 8 tokens left each: it waits (9 - 4) / 4 x 100 tokens' worth of steps.
+    full = load(running=4, waiting=4, max_running=4, decode_tokens_pending=800, step_s=0.03, batch=4)
+    step = 0.03  # the batch stays at 4
+    expected = step * ((9 - 4) / 4 * 100 + 50 + PREFILL_TOKEN_WEIGHT * 100)
+    assert estimates({"a": full})["a"] == pytest.approx(expected)
 
 
-def test_with_no_speed_measured_anywhere_the_default_speed_is_used():
-    candidates = decoder_candidates(["a", "b"], {"a": load()}, {}, {}, JOB, NOW, SETTINGS)
-    assert [x.rate for x in candidates] == [SETTINGS.default_tokens_per_s] * 2
+def test_a_replica_with_no_stats_yet_takes_the_median_step_of_the_others():
+    loads = {r: load(step_s=step, batch=0) for r, step in (("a", 0.01), ("b", 0.03), ("c", 0.02))}
+    found = estimates(loads, replica_ids=["a", "b", "c", "new"])
+    assert found["new"] == pytest.approx(found["c"])
+
+
+def test_with_no_steps_measured_anywhere_the_default_step_is_used():
+    found = estimates({"a": load()}, replica_ids=["a", "b"])
+    assert (
+        found["a"] == found["b"] == pytest.approx(SETTINGS.default_step_s * (50 + PREFILL_TOKEN_WEIGHT * 100))
+    )
 
 
 def test_stale_stats_count_for_speed_only_and_very_stale_ones_not_at_all():
-    stale = load(measured_at=NOW - 2 * SETTINGS.stale_after_s, tokens_per_s=80, decode_tokens_pending=5000)
-    (a,) = decoder_candidates(["a"], {"a": stale}, {}, {}, JOB, NOW, SETTINGS)
-    assert (a.rate, a.queued_work) == (80, 0)
-    ancient = load(measured_at=NOW - 100 * SETTINGS.stale_after_s, tokens_per_s=80)
-    (a,) = decoder_candidates(["a"], {"a": ancient}, {}, {}, JOB, NOW, SETTINGS)
-    assert a.rate == SETTINGS.default_tokens_per_s
+    fresh = estimates({"a": load(step_s=0.06, batch=0)})["a"]
+    stale = load(measured_at=NOW - 2 * SETTINGS.stale_after_s, step_s=0.06, batch=0, running=50)
+    assert estimates({"a": stale})["a"] == pytest.approx(fresh)
+    ancient = load(measured_at=NOW - 100 * SETTINGS.stale_after_s, step_s=0.06, batch=0)
+    assert estimates({"a": ancient})["a"] == pytest.approx(
+        SETTINGS.default_step_s * (50 + PREFILL_TOKEN_WEIGHT * 100)
+    )
 
 
 def test_a_full_kv_cache_is_a_hard_constraint():
@@ -164,11 +184,14 @@ def test_a_vanished_replica_is_not_a_candidate():
     assert rank(decoder_candidates([], loads, live, {}, JOB, NOW, SETTINGS), SETTINGS) == []
 
 
-def test_a_slow_replica_gets_less_work_than_a_fast_one_with_the_same_queue():
-    loads = {"slow": load(tokens_per_s=50), "fast": load(tokens_per_s=100)}
+def test_a_slow_replica_gets_work_once_the_fast_one_holds_more():
+    loads = {"slow": load(step_s=0.06, batch=0), "fast": load(step_s=0.03, batch=0)}
     live = {"slow": InFlight(requests=2, work=100), "fast": InFlight(requests=3, work=150)}
     ranked = rank(decoder_candidates(["slow", "fast"], loads, live, {}, JOB, NOW, SETTINGS), SETTINGS)
     assert ranked[0] == ["fast"]
+    live["fast"] = InFlight(requests=40, work=2000)
+    ranked = rank(decoder_candidates(["slow", "fast"], loads, live, {}, JOB, NOW, SETTINGS), SETTINGS)
+    assert ranked[0] == ["slow"]
 
 
 def test_encoder_prefers_the_replica_holding_the_images_unless_it_is_much_busier():
@@ -178,7 +201,8 @@ def test_encoder_prefers_the_replica_holding_the_images_unless_it_is_much_busier
         "other": EncoderLoad(measured_at=NOW, images_per_s=10),
     }
     candidates = encoder_candidates(["holder", "other"], loads, {}, {}, hashes, NOW, SETTINGS)
-    assert by_id(candidates)["holder"].new_work == 0
+    assert by_id(candidates)["holder"].estimate_s == 0
+    assert by_id(candidates)["other"].estimate_s == pytest.approx(2 / 10)
     assert rank(candidates, SETTINGS)[0] == ["holder"]
     busy = {"holder": InFlight(requests=4, work=20)}
     candidates = encoder_candidates(["holder", "other"], loads, busy, {}, hashes, NOW, SETTINGS)
