@@ -11,7 +11,8 @@ Each stage scales on the signals that say it is short of capacity:
 A signal's load is its average per replica over Serve's look-back window,
 divided by its target per replica; the stage wants
 `ceil(current x the largest load)` replicas, as Serve's default policy does
-for ongoing requests. A change is made only when it has been wanted for the
+for ongoing requests, counting the replicas that are running. A change from
+the count Serve is aiming for is made only when it has been wanted for the
 whole of its delay (`upscale_delay_s`, `downscale_delay_s`): one busy moment
 does not start a replica, and one quiet one does not stop it. The result is
 always within [min_replicas, max_replicas]. Without any reported signal
@@ -58,7 +59,8 @@ def wanted_replicas(
 
 
 def decide(
-    current: int,
+    target: int,
+    running: int,
     per_replica: Mapping[str, float],
     targets: Mapping[str, float],
     *,
@@ -69,25 +71,26 @@ def decide(
     now: float,
     previous: Decision | None = None,
 ) -> Decision:
-    """The replica count for now, from the signals' averages per replica and their targets."""
-    previous = previous or Decision(current)
-    wanted = wanted_replicas(current, per_replica, targets)
+    """The replica count to aim for now. `target`: the count Serve is aiming for (replicas may
+    still be starting); `running`: the replicas whose signals `per_replica` averages."""
+    previous = previous or Decision(target)
+    wanted = wanted_replicas(running, per_replica, targets)
     if wanted is None:
-        return Decision(min(max(current, min_replicas), max_replicas))
+        return Decision(min(max(target, min_replicas), max_replicas))
     wanted = min(max(wanted, min_replicas), max_replicas)
-    if current < min_replicas or current > max_replicas:
+    if target < min_replicas or target > max_replicas:
         return Decision(wanted)
-    if wanted > current:
+    if wanted > target:
         since = previous.up_since if previous.up_since is not None else now
         if now - since >= upscale_delay_s:
             return Decision(wanted)
-        return Decision(current, up_since=since)
-    if wanted < current:
+        return Decision(target, up_since=since)
+    if wanted < target:
         since = previous.down_since if previous.down_since is not None else now
         if now - since >= downscale_delay_s:
             return Decision(wanted)
-        return Decision(current, down_since=since)
-    return Decision(current)
+        return Decision(target, down_since=since)
+    return Decision(target)
 
 
 def averages(metrics: Mapping[str, Mapping[Any, float]] | None, replicas: list) -> dict[str, float]:
@@ -115,11 +118,14 @@ class StagePolicy:
         self.downscale_delay_s = downscale_delay_s
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        # Serve's current_num_replicas counts the running replicas; target_num_replicas is the
+        # count it is heading for (a replica being started counts there, not here).
         per_replica = averages(ctx.aggregated_metrics, ctx.running_replicas)
         if ONGOING in self.targets and ctx.current_num_replicas > 0:
             per_replica[ONGOING] = ctx.total_num_requests / ctx.current_num_replicas
         state = ctx.policy_state or {}
         decision = decide(
+            ctx.target_num_replicas,
             ctx.current_num_replicas,
             per_replica,
             self.targets,

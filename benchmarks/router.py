@@ -40,7 +40,7 @@ ROUTERS = ("serve_default", "throughput")
 
 @dataclass(frozen=True)
 class RouterBenchSettings:
-    rates: tuple[float, ...] = (4.0, 6.0, 8.0, 10.0)
+    rates: tuple[float, ...] = (4.0, 6.0, 7.0, 8.0, 10.0)
     seconds: float = 30.0  # of arrivals per run; the run then waits for the last answers
     speeds: tuple[float, ...] = (0.5, 1.0, 1.0)
     turns: int = 4

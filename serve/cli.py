@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     bench_router.add_argument(
         "--rates",
         type=_numbers,
-        default=(4.0, 6.0, 8.0, 10.0),
+        default=(4.0, 6.0, 7.0, 8.0, 10.0),
         help="offered requests/s, comma-separated",
     )
     bench_router.add_argument("--seconds", type=float, default=30.0, help="arrivals per run, in seconds")

@@ -26,7 +26,7 @@ def run(current: int, samples: list[tuple[float, dict[str, float]]]) -> list[int
     decision = None
     counts = []
     for now, signals in samples:
-        decision = decide(current, signals, TARGETS, now=now, previous=decision, **BOUNDS)
+        decision = decide(current, current, signals, TARGETS, now=now, previous=decision, **BOUNDS)
         current = decision.replicas
         counts.append(current)
     return counts
@@ -88,13 +88,20 @@ def test_missing_metrics_hold_the_count_and_forget_a_pending_change():
     assert run(2, [(0, busy), (20, {}), (40, busy), (60, busy)]) == [2, 2, 2, 2]
 
 
+def test_a_scale_up_under_way_is_held_while_its_replica_starts():
+    # Serve aims for 2, one runs and carries the load of two: 4 waiting over a target of 2.
+    held = decide(2, 1, {WAITING: 4.0}, TARGETS, now=0, **BOUNDS)
+    assert held == Decision(2)
+    assert decide(2, 1, {}, TARGETS, now=0, **BOUNDS) == Decision(2)
+
+
 def test_averages_leave_out_replicas_that_have_not_reported_or_are_gone():
     metrics = {WAITING: {"r1": 4.0, "r2": 2.0, "gone": 100.0}, PENDING_IMAGES: {}}
     assert averages(metrics, ["r1", "r2", "new"]) == {WAITING: 3.0}
     assert averages(None, ["r1"]) == {}
 
 
-def context(current: int, metrics, total_requests: float, now: float, state=None):
+def context(current: int, metrics, total_requests: float, now: float, state=None, target=None):
     """Ray Serve's own AutoscalingContext, as the controller builds it."""
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
@@ -106,7 +113,7 @@ def context(current: int, metrics, total_requests: float, now: float, state=None
         deployment_name="Decoder",
         app_name="ministral",
         current_num_replicas=current,
-        target_num_replicas=current,
+        target_num_replicas=current if target is None else target,
         running_replicas=replicas,
         total_num_requests=total_requests,
         total_queued_requests=0,
@@ -133,6 +140,13 @@ def test_the_policy_reads_serves_context_and_keeps_its_state_between_calls():
     # 6 waiting per replica over a target of 2 wants three times as many: 6, within max_replicas 4.
     assert replicas == 4
     assert state == {"up_since": None, "down_since": None}
+
+
+def test_the_policy_holds_serves_target_while_a_replica_starts():
+    policy = StagePolicy({ONGOING: 16.0}, upscale_delay_s=0, downscale_delay_s=60)
+    # Two wanted, one running with 20 ongoing: not a reason to go back to one.
+    replicas, _ = policy(context(1, {}, total_requests=20, now=0.0, target=2))
+    assert replicas == 2
 
 
 def test_ongoing_requests_come_from_serves_count():
