@@ -12,6 +12,7 @@ replica per rank. Serve tries them in order, skipping a replica at its
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -187,7 +188,7 @@ class DecoderRouter(_StageRouter):
         request = _decode_request(pending_request)
         if not candidate_replicas or request is None:
             # Calls other than a generation (engine info, health): any replica.
-            return [candidate_replicas] if candidate_replicas else []
+            return _any(candidate_replicas)
         now = time.time()
         replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
         loads = {r.replica_id.unique_id: _load(DecoderLoad, r.routing_stats) for r in candidate_replicas}
@@ -224,6 +225,12 @@ class DecoderRouter(_StageRouter):
         self._routed(pending_request, replica_id, _work(_job(request)))
 
 
+def _any(candidate_replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
+    """One rank of every candidate, in random order: Serve takes the shortest queue in a rank and
+    the first of equals, so without the shuffle idle replicas would all send one replica the work."""
+    return [random.sample(candidate_replicas, len(candidate_replicas))] if candidate_replicas else []
+
+
 def _decode_request(pending_request: PendingRequest | None) -> DecodeRequest | None:
     if pending_request is None or not pending_request.args:
         return None
@@ -252,7 +259,7 @@ class EncoderRouter(_StageRouter):
     ) -> list[list[RunningReplica]]:
         image_hashes = _image_hashes(pending_request)
         if not candidate_replicas or not image_hashes:
-            return [candidate_replicas] if candidate_replicas else []
+            return _any(candidate_replicas)
         replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
         loads = {r.replica_id.unique_id: _load(EncoderLoad, r.routing_stats) for r in candidate_replicas}
         loads = {replica_id: load for replica_id, load in loads.items() if load is not None}

@@ -44,14 +44,17 @@ def encoder_options(config: AppConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(
-    args: dict[str, Any] | AppConfig | None = None, decoder_deployment: Deployment = Decoder
-) -> Application:
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on.
 
-    `decoder_deployment`: the decoder, or a stand-in with its interface (the router benchmark
-    and the autoscaling tests use deployments/batching_stand_in.py's)."""
+    Serve calls it with the config file's `args` (an application builder takes exactly one)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    return build_stages(config, Decoder)
+
+
+def build_stages(config: AppConfig, decoder_deployment: Deployment) -> Application:
+    """`build_app` with another decoder: a stand-in with its interface (the autoscaling tests
+    use deployments/batching_stand_in.py's)."""
     stages = config.deployments
     decoder = decoder_deployment.options(**decoder_options(config)).bind(config)
     image_stages = {}

@@ -40,7 +40,7 @@ def scaling_url(ray_cluster, demo_checkpoint):
     from ray import serve
 
     from deployments.batching_stand_in import StandInBatchingDecoder
-    from serve.app import build_app
+    from serve.app import build_stages
 
     config = AppConfig.model_validate(
         {
@@ -74,7 +74,7 @@ def scaling_url(ray_cluster, demo_checkpoint):
             },
         }
     )
-    serve.run(build_app(config, decoder_deployment=StandInBatchingDecoder), name=APP, route_prefix=PREFIX)
+    serve.run(build_stages(config, StandInBatchingDecoder), name=APP, route_prefix=PREFIX)
     yield f"{ray_cluster.base_url}{PREFIX}"
     serve.delete(APP)
 

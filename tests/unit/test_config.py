@@ -72,3 +72,12 @@ def test_encoder_and_decoder_share_one_gpu_only_when_they_fit():
         AppConfig.model_validate(shared_gpu(0.1, 0.9, 0.95))
     # On separate GPUs the decoder may use its whole card.
     assert not AppConfig.model_validate(shared_gpu(1, 1, 0.95)).deployments.encoder_shares_decoder_gpu
+
+
+def test_the_application_builder_takes_one_argument_as_serve_requires():
+    import inspect
+
+    from serve.app import build_app
+
+    # `serve deploy` refuses a builder with more parameters (DEPLOY_FAILED).
+    assert len(inspect.signature(build_app).parameters) == 1
