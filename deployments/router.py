@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, fields
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -60,6 +61,16 @@ class _Sent:
     work: InFlight
 
 
+@dataclass(frozen=True)
+class _Tentative:
+    """A request ranked and not yet routed: counted in flight on its first-ranked replica."""
+
+    replica_id: str
+    work: InFlight
+    when: float
+    affinity_keys: Sequence[Hashable]  # computed for the ranking, recorded once it is routed
+
+
 class RouterMetrics:
     """What one router sees of each replica, kept on /metrics while idle."""
 
@@ -97,9 +108,13 @@ class RouterMetrics:
 
 
 class _StageRouter(RequestRouter):
-    """What both routers share: settings, the in-flight ledger, forgetting vanished replicas."""
+    """What both routers share: settings, the replicas' loads, the in-flight ledger, the
+    affinity index, forgetting vanished replicas."""
 
     stage = ""
+    load_type: type = DecoderLoad
+    speed_field = "tokens_per_s"  # the load's speed, for the metrics
+    kv_field: str | None = "kv_cache_usage"
 
     def initialize_state(self, **settings):
         self._settings = RoutingSettings(**settings)
@@ -107,9 +122,8 @@ class _StageRouter(RequestRouter):
         self._sent: dict[str, _Sent] = {}
         self._in_flight: dict[str, InFlight] = {}
         self._affinity_choice: dict[str, str] = {}  # request id -> the replica its affinity picked
-        # Ranked first, not yet routed: request id -> (replica, work, when). Counted as in flight,
-        # so that requests ranked at the same instant see each other.
-        self._tentative: dict[str, tuple[str, InFlight, float]] = {}
+        # Counted as in flight from ranking, so that requests ranked at the same instant see each other.
+        self._tentative: dict[str, _Tentative] = {}
         self._metrics = RouterMetrics(self.stage)
 
     def update_replicas(self, replicas: list[RunningReplica]):
@@ -122,6 +136,21 @@ class _StageRouter(RequestRouter):
                 self._in_flight.pop(replica_id, None)
         return super().update_replicas(replicas)
 
+    def _loads(self, candidate_replicas: list[RunningReplica]) -> tuple[list[str], dict]:
+        """The candidates' ids and the loads of those that have reported, as the metrics see them."""
+        replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
+        loads = {r.replica_id.unique_id: _load(self.load_type, r.routing_stats) for r in candidate_replicas}
+        loads = {replica_id: load for replica_id, load in loads.items() if load is not None}
+        for replica_id in replica_ids:
+            load = loads.get(replica_id)
+            self._metrics.saw(
+                replica_id,
+                getattr(load, self.speed_field) if load else 0.0,
+                self._in_flight.get(replica_id, InFlight()).requests,
+                getattr(load, self.kv_field) if load and self.kv_field else None,
+            )
+        return replica_ids, loads
+
     def _add(self, replica_id: str, work: InFlight, sign: int) -> InFlight:
         held = self._in_flight.get(replica_id, InFlight())
         held = InFlight(
@@ -132,10 +161,19 @@ class _StageRouter(RequestRouter):
         self._in_flight[replica_id] = held
         return held
 
-    def _routed(self, pending_request: PendingRequest, replica_id: ReplicaID, work: InFlight) -> None:
+    def _routed(
+        self,
+        pending_request: PendingRequest,
+        replica_id: ReplicaID,
+        work: InFlight,
+        affinity_keys: Callable[[], Sequence[Hashable]],
+    ) -> None:
+        """Counts the request in flight where it went, and records its affinity keys there (those
+        its ranking computed; `affinity_keys()` if it was routed without one)."""
         request_id = pending_request.metadata.internal_request_id
-        self._untentative(request_id)
+        tentative = self._untentative(request_id)
         chosen = replica_id.unique_id
+        self._affinity.record(tentative.affinity_keys if tentative else affinity_keys(), chosen)
         self._sent[request_id] = _Sent(chosen, work)
         self._add(chosen, work, +1)
         if self._affinity_choice.pop(request_id, None) == chosen:
@@ -146,9 +184,10 @@ class _StageRouter(RequestRouter):
         if sent is not None:
             self._add(sent.replica_id, sent.work, -1)
 
-    def _untentative(self, request_id: str) -> None:
+    def _untentative(self, request_id: str) -> _Tentative | None:
         if (tentative := self._tentative.pop(request_id, None)) is not None:
-            self._add(tentative[0], tentative[1], -1)
+            self._add(tentative.replica_id, tentative.work, -1)
+        return tentative
 
     def _ranked(
         self,
@@ -156,18 +195,19 @@ class _StageRouter(RequestRouter):
         candidates: list[Candidate],
         pending_request: PendingRequest,
         work: InFlight,
+        affinity_keys: Sequence[Hashable],
     ) -> list[list[RunningReplica]]:
         """The policy's ranking as Serve's. The first is counted as in flight until the request
         is routed (a request never routed is dropped from the count after a minute)."""
         request_id = pending_request.metadata.internal_request_id
         now = time.monotonic()
-        for stale in [r for r, (_, _, when) in self._tentative.items() if now - when > TENTATIVE_S]:
+        for stale in [r for r, t in self._tentative.items() if now - t.when > TENTATIVE_S]:
             self._untentative(stale)
         self._untentative(request_id)
         ranks = rank(candidates, self._settings)
         if ranks:
             first = ranks[0][0]
-            self._tentative[request_id] = (first, work, now)
+            self._tentative[request_id] = _Tentative(first, work, now, affinity_keys)
             self._add(first, work, +1)
             if any(c.replica_id == first and c.affinity > 0 for c in candidates):
                 self._affinity_choice[request_id] = first
@@ -189,10 +229,7 @@ class DecoderRouter(_StageRouter):
         if not candidate_replicas or request is None:
             # Calls other than a generation (engine info, health): any replica.
             return _any(candidate_replicas)
-        now = time.time()
-        replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
-        loads = {r.replica_id.unique_id: _load(DecoderLoad, r.routing_stats) for r in candidate_replicas}
-        loads = {replica_id: load for replica_id, load in loads.items() if load is not None}
+        replica_ids, loads = self._loads(candidate_replicas)
         blocks = prefix_block_hashes(request.prompt_token_ids)
         matched_blocks = self._affinity.prefix_matches(blocks)
         job = _job(request)
@@ -202,18 +239,10 @@ class DecoderRouter(_StageRouter):
             self._in_flight,
             {r: n * PREFIX_BLOCK_TOKENS for r, n in matched_blocks.items()},
             job,
-            now,
+            time.time(),
             self._settings,
         )
-        for replica_id in replica_ids:
-            load = loads.get(replica_id)
-            self._metrics.saw(
-                replica_id,
-                load.tokens_per_s if load else 0.0,
-                self._in_flight.get(replica_id, InFlight()).requests,
-                load.kv_cache_usage if load else None,
-            )
-        return self._ranked(candidate_replicas, candidates, pending_request, _work(job))
+        return self._ranked(candidate_replicas, candidates, pending_request, _work(job), blocks)
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
@@ -221,8 +250,12 @@ class DecoderRouter(_StageRouter):
         request = _decode_request(pending_request)
         if request is None:
             return
-        self._affinity.record(prefix_block_hashes(request.prompt_token_ids), replica_id.unique_id)
-        self._routed(pending_request, replica_id, _work(_job(request)))
+        self._routed(
+            pending_request,
+            replica_id,
+            _work(_job(request)),
+            lambda: prefix_block_hashes(request.prompt_token_ids),
+        )
 
 
 def _any(candidate_replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
@@ -253,6 +286,9 @@ class EncoderRouter(_StageRouter):
     """Sends images to the replica that holds their embeddings, otherwise where they are encoded soonest."""
 
     stage = "encoder"
+    load_type = EncoderLoad
+    speed_field = "images_per_s"
+    kv_field = None
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -260,9 +296,7 @@ class EncoderRouter(_StageRouter):
         image_hashes = _image_hashes(pending_request)
         if not candidate_replicas or not image_hashes:
             return _any(candidate_replicas)
-        replica_ids = [r.replica_id.unique_id for r in candidate_replicas]
-        loads = {r.replica_id.unique_id: _load(EncoderLoad, r.routing_stats) for r in candidate_replicas}
-        loads = {replica_id: load for replica_id, load in loads.items() if load is not None}
+        replica_ids, loads = self._loads(candidate_replicas)
         candidates = encoder_candidates(
             replica_ids,
             loads,
@@ -272,16 +306,8 @@ class EncoderRouter(_StageRouter):
             time.time(),
             self._settings,
         )
-        for replica_id in replica_ids:
-            load = loads.get(replica_id)
-            self._metrics.saw(
-                replica_id,
-                load.images_per_s if load else 0.0,
-                self._in_flight.get(replica_id, InFlight()).requests,
-                None,
-            )
         work = InFlight(requests=1, work=len(image_hashes))
-        return self._ranked(candidate_replicas, candidates, pending_request, work)
+        return self._ranked(candidate_replicas, candidates, pending_request, work, image_hashes)
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
@@ -289,8 +315,9 @@ class EncoderRouter(_StageRouter):
         image_hashes = _image_hashes(pending_request)
         if not image_hashes:
             return
-        self._affinity.record(image_hashes, replica_id.unique_id)
-        self._routed(pending_request, replica_id, InFlight(requests=1, work=len(image_hashes)))
+        self._routed(
+            pending_request, replica_id, InFlight(requests=1, work=len(image_hashes)), lambda: image_hashes
+        )
 
 
 def _image_hashes(pending_request: PendingRequest | None) -> tuple[str, ...]:
