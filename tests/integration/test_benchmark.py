@@ -1,12 +1,14 @@
 """A short real benchmark run: the stacks start, vLLM's load generator drives them, the report is whole.
 
-Our service and vLLM's server run the text workload at concurrency 1 and 2:
-two server starts. The image workloads and the Ray Serve LLM peer run in
+Our service and vLLM's server run the text workload at concurrency 1 and 2,
+and our stages around the free stand-in engine the serving ceiling: three
+server starts. The image workloads and the Ray Serve LLM peer run in
 `make bench`; the report's arithmetic for them (image ratios, a peer's own
 table and summary, a peer that fails to start) is the unit tests'
 (test_bench_report.py, test_bench_sweep.py). No speed is asserted: only
 that the report is complete, consistent with its own runs, and that the
-servers are gone afterwards.
+servers are gone afterwards, and that the CPU counted per process group
+comes from the processes each stack really runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import statistics
 import pytest
 from PIL import Image
 
+from benchmarks.cpu_use import ENGINE
+from benchmarks.report import TARGETS
 from benchmarks.runner import BenchSettings, run
 from benchmarks.workloads import WorkloadShape
 from serve.config import AppConfig
@@ -25,6 +29,7 @@ from tests.ports import free_port
 
 WORKLOADS = ("text",)
 CONCURRENCIES = (1, 2)
+CEILING_CONCURRENCY = 4
 # One repeat: the order rotating between repeats and their median are the
 # unit tests' (test_bench_sweep, test_bench_report), and each further repeat
 # here costs two more server starts.
@@ -64,8 +69,10 @@ def bench(demo_checkpoint, tmp_path_factory):
         shape=TINY,
         output_root=tmp_path_factory.mktemp("bench"),
         peers=(),
+        ceiling_concurrency=CEILING_CONCURRENCY,
         ours_port=free_port(),
         vllm_port=free_port(),
+        ceiling_port=free_port(),
     )
     return settings, run(settings)
 
@@ -127,12 +134,13 @@ def test_summary_carries_the_headline_figures(bench):
     # No image workload ran: no image figure is made up.
     assert summary["image_repeat_ttft_p50_ratio"] is None
     assert results["peers"] == {}
-    assert set(summary["targets_met"]) == {
-        "text_output_tps_ratio",
-        "text_ttft_p50_overhead_ms",
-        "image_repeat_ttft_p50_ratio",
-    }
-    assert summary["targets_met"]["image_repeat_ttft_p50_ratio"] is None
+    assert set(summary["targets_met"]) == set(TARGETS)
+    # No peer ran and no image workload: those figures have no value and no verdict.
+    for name in ("text_output_tps_ratio_vs_peer_min", "image_repeat_vs_unique_ttft_p50_ratio"):
+        assert summary[name] is None
+        assert summary["targets_met"][name] is None
+    vllm_top = next(r for r in results["runs"] if r["stack"] == "vllm" and r["concurrency"] == top)
+    assert summary["engine_speed_output_tps"] == vllm_top["output_throughput"]
     assert summary["failed_requests"] == 0
     shares = [r["one_piece_share"]["ours"] for r in results["table"]]
     assert summary["one_piece_share_max"] == max(shares)
@@ -152,7 +160,39 @@ def test_files_on_disk_match_the_results_and_plots_are_images(bench):
             assert plot.format == "PNG" and plot.width > 300
 
 
+def test_cpu_is_counted_per_process_group_of_each_stack(bench):
+    settings, results = bench
+    for measured in results["runs"]:
+        cpu_s = measured["cpu_s"]
+        assert cpu_s[ENGINE] > 0, measured
+        # The groups each stack really runs: ours behind HAProxy (`ministral-serve run`'s default).
+        expected = {"proxy", "ingress", "decoder"} if measured["stack"] == "ours" else {"api server"}
+        assert expected <= set(cpu_s), measured
+        serving = sum(seconds for group, seconds in cpu_s.items() if group != ENGINE)
+        assert measured["serving_cpu_s_per_1k_tokens"] == pytest.approx(
+            serving * 1000 / measured["output_tokens"], abs=1e-3
+        )
+    assert measured["output_tokens"] == settings.num_prompts(measured["concurrency"]) * TINY.output_tokens
+    assert "(haproxy)" in (settings.output_root / settings.name / "logs" / "ours.log").read_text()
+    rows = {(row["stack"], row["concurrency"]) for row in results["cpu_table"]}
+    assert rows == {(stack, c) for stack in ("ours", "vllm") for c in CONCURRENCIES}
+
+
+def test_serving_ceiling_runs_our_stages_without_an_engine(bench):
+    settings, results = bench
+    ceiling = results["serving_ceiling"]
+    assert ceiling["failed"] == 0
+    assert ceiling["completed"] == settings.num_prompts(CEILING_CONCURRENCY)
+    assert ENGINE not in ceiling["cpu_s"]
+    assert {"ingress", "decoder"} <= set(ceiling["cpu_s"])
+    tokens = ceiling["completed"] * TINY.output_tokens
+    assert ceiling["output_tokens_per_cpu_s"] == pytest.approx(
+        tokens / sum(ceiling["cpu_s"].values()), rel=1e-2
+    )
+
+
 def test_servers_are_stopped_afterwards(bench):
     settings, _ = bench
     assert not _listening(settings.ours_port)
     assert not _listening(settings.vllm_port)
+    assert not _listening(settings.ceiling_port)

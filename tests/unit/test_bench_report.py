@@ -67,11 +67,10 @@ def test_summary_takes_throughput_at_the_top_concurrency_and_the_worst_latency()
     assert summary["text_output_tps_ratio_min"] == pytest.approx(0.9)
     assert summary["text_ttft_p50_overhead_ms"] == pytest.approx(10.0)  # worse of +10 and +5
     assert summary["image_repeat_ttft_p50_ratio"] == pytest.approx(0.9)  # worse of 0.5 and 0.9
-    assert summary["targets_met"] == {
-        "text_output_tps_ratio": True,
-        "text_ttft_p50_overhead_ms": True,
-        "image_repeat_ttft_p50_ratio": True,
-    }
+    assert summary["targets_met"]["text_output_tps_ratio"] is True  # 0.95 >= 0.85
+    # No peer and no unique-image runs: those targets get no verdict.
+    assert summary["targets_met"]["text_output_tps_ratio_vs_peer_min"] is None
+    assert summary["targets_met"]["image_repeat_vs_unique_ttft_p50_ratio"] is None
     assert summary["failed_requests"] == 1
 
 
@@ -79,7 +78,7 @@ def test_a_workload_without_baseline_has_no_ratios_and_no_verdict():
     ours_only = [run for run in RUNS if not (run["workload"] == "image-repeat" and run["stack"] == "vllm")]
     summary = report.summary(ours_only)
     assert summary["image_repeat_ttft_p50_ratio"] is None
-    assert summary["targets_met"]["image_repeat_ttft_p50_ratio"] is None
+    assert summary["image_repeat_ttft_p50_overhead_ms"] is None
     assert summary["text_output_tps_ratio"] == pytest.approx(0.95)
 
 
@@ -173,3 +172,102 @@ def test_the_one_piece_share_is_shown_per_stack_and_its_worst_is_in_the_summary(
     assert report.summary(RUNS)["one_piece_share_max"] is None  # results from before the metric
     table = "\n".join(report._table_lines(report.ratio_table(runs)))
     assert "| 0.50 / 0.00 |" in table and "| - / 0.00 |" in table
+
+
+def _with_cpu(run: dict, output_tokens: int, **cpu_s: float) -> dict:
+    """`run` with the CPU figures `runner._measure` adds, worked out by hand here."""
+    serving = sum(seconds for group, seconds in cpu_s.items() if group != "engine")
+    return {
+        **run,
+        "output_tokens": output_tokens,
+        "cpu_s": cpu_s,
+        "serving_cpu_s_per_1k_tokens": serving * 1000 / output_tokens,
+        "engine_cpu_s_per_1k_tokens": cpu_s.get("engine", 0.0) * 1000 / output_tokens,
+    }
+
+
+CPU_RUNS = [
+    _with_cpu(_run("text", "ours", 1, tps=90, ttft=30), 1000, proxy=1.0, ingress=1.0, engine=5.0),
+    _with_cpu(_run("text", "ours", 8, tps=380, ttft=55), 5000, proxy=2.0, ingress=3.0, engine=10.0),
+    _with_cpu(_run("text", "vllm", 1, tps=100, ttft=20), 1000, engine=5.0, **{"api server": 0.2}),
+    _with_cpu(_run("text", "vllm", 8, tps=400, ttft=50), 3000, engine=9.0, **{"api server": 1.5}),
+    _with_cpu(_run("text", "ray-serve-llm", 1, tps=80, ttft=70), 1000, proxy=1.0, server=4.0, engine=5.0),
+    _with_cpu(
+        _run("text", "ray-serve-llm", 8, tps=200, ttft=250), 5000, proxy=2, ingress=4, server=4, engine=9
+    ),
+    _run("image-repeat", "ours", 1, tps=100, ttft=40),
+    _run("image-unique", "ours", 1, tps=100, ttft=100),
+    _run("image-repeat", "ours", 8, tps=100, ttft=90),
+    _run("image-unique", "ours", 8, tps=100, ttft=120),
+    _run("image-repeat", "ours", 16, tps=100, ttft=90),  # no unique-image run at 16: not compared
+]
+
+
+def test_summary_compares_ours_with_the_peer_on_text_at_every_level():
+    summary = report.summary(CPU_RUNS, peer="ray-serve-llm")
+    assert summary["text_output_tps_ratio_vs_peer_min"] == pytest.approx(1.125)  # 90/80 and 380/200
+    assert summary["text_ttft_p50_ratio_vs_peer_max"] == pytest.approx(30 / 70, abs=1e-4)  # and 55/250
+    assert summary["targets_met"]["text_output_tps_ratio_vs_peer_min"] is True  # >= 1.1
+    assert summary["targets_met"]["text_ttft_p50_ratio_vs_peer_max"] is True  # <= 0.8
+
+
+def test_serving_cpu_ratios_count_every_process_but_the_engine_at_the_top_concurrency():
+    summary = report.summary(CPU_RUNS, peer="ray-serve-llm")
+    # At 8-way: ours (2 + 3) s / 5k tokens = 1.0 s per 1k; the peer (2 + 4 + 4) / 5k = 2.0;
+    # vLLM's server 1.5 / 3k = 0.5. The engine's seconds count for nobody.
+    assert summary["serving_cpu_per_1k_tokens_ratio_vs_peer"] == pytest.approx(0.5)
+    assert summary["serving_cpu_per_1k_tokens_ratio_vs_vllm"] == pytest.approx(2.0)
+    assert summary["targets_met"]["serving_cpu_per_1k_tokens_ratio_vs_peer"] is True  # <= 0.5
+    # Without the peer the ratio against it has no value, and no verdict.
+    alone = report.summary(CPU_RUNS)
+    assert alone["serving_cpu_per_1k_tokens_ratio_vs_peer"] is None
+    assert alone["targets_met"]["serving_cpu_per_1k_tokens_ratio_vs_peer"] is None
+
+
+def test_repeat_vs_unique_takes_the_worst_level_both_image_workloads_ran():
+    summary = report.summary(CPU_RUNS)
+    assert summary["image_repeat_vs_unique_ttft_p50_ratio"] == pytest.approx(0.75)  # 90/120, not 40/100
+    assert summary["targets_met"]["image_repeat_vs_unique_ttft_p50_ratio"] is False  # > 0.7
+
+
+def test_engine_speed_is_vllms_text_tokens_per_s_at_its_top_concurrency():
+    assert report.summary(CPU_RUNS)["engine_speed_output_tps"] == 400
+    assert report.summary(RUNS[4:])["engine_speed_output_tps"] is None  # no text run
+
+
+def test_cpu_table_has_per_group_medians_per_1k_tokens():
+    repeats = [
+        _with_cpu(_run("text", "ours", 4, tps=1, ttft=1), 2000, proxy=1.0, engine=4.0),
+        _with_cpu(_run("text", "ours", 4, tps=1, ttft=1), 1000, proxy=3.0, engine=1.0),
+        _with_cpu(_run("text", "ours", 4, tps=1, ttft=1), 4000, proxy=4.0, engine=4.0, decoder=2.0),
+    ]
+    (row,) = report.cpu_table(repeats)
+    # proxy: 0.5, 3.0, 1.0 per 1k -> 1.0; engine: 2.0, 1.0, 1.0 -> 1.0; decoder in one repeat: 0.5.
+    assert row["by_group"] == {"decoder": 0.5, "engine": 1.0, "proxy": 1.0}
+    assert row["serving"] == pytest.approx(1.5)  # medians of 0.5, 3.0, 1.5
+    assert row["engine"] == pytest.approx(1.0)
+
+
+def test_ceiling_divides_tokens_and_requests_by_all_cpu_seconds():
+    run = {
+        **_with_cpu(
+            _run("text", "ours (stand-in engine)", 64, tps=3000, ttft=10), 8192, proxy=2.0, decoder=2.0
+        ),
+        "completed": 128,
+    }
+    ceiling = report.ceiling(run)
+    assert ceiling["output_tokens_per_cpu_s"] == pytest.approx(2048)
+    assert ceiling["requests_per_cpu_s"] == pytest.approx(32)
+    assert ceiling["concurrency"] == 64
+
+
+def test_markdown_and_plot_show_the_cpu_table(tmp_path):
+    results = _results(
+        CPU_RUNS[:6], {"text": {"description": "random text"}}, cpu_table=report.cpu_table(CPU_RUNS)
+    )
+    text = report.markdown(results)
+    header = next(line for line in text.splitlines() if line.startswith("| stack | workload"))
+    assert header.split(" | ")[3:-1] == ["api server", "engine", "ingress", "proxy", "server"]
+    assert sum(line.startswith("| Ray Serve LLM | text |") for line in text.splitlines()) == 2
+    report.plot_cpu(report.cpu_table(CPU_RUNS), tmp_path / "cpu.png")
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -34,13 +34,14 @@ def test_unknown_subcommand_fails_with_usage():
 def test_run_takes_a_layout_and_a_model_without_a_config_file():
     from serve.cli import CONFIGS_DIR, _application
 
-    name, config = _application(CONFIGS_DIR / "2gpu-tp.yaml", model="/srv/models/ministral")
+    name, import_path, config = _application(CONFIGS_DIR / "2gpu-tp.yaml", model="/srv/models/ministral")
     assert name == "ministral"
+    assert import_path == "serve.app:build_app"
     assert config.layout == "2gpu-tp"
     assert config.engine.tensor_parallel_size == 2
     assert config.model.source == "/srv/models/ministral"
     # Without --model, the preset's own model.
-    assert _application(CONFIGS_DIR / "2gpu-tp.yaml")[1].model.source.startswith("mistralai/")
+    assert _application(CONFIGS_DIR / "2gpu-tp.yaml")[2].model.source.startswith("mistralai/")
 
 
 @pytest.mark.parametrize(
