@@ -345,40 +345,40 @@ def _cpu_lines(rows: list[dict]) -> list[str]:
 
 
 def plot_cpu(rows: list[dict], path: Path) -> None:
-    """A stacked bar per workload and concurrency, a panel per stack: CPU seconds per 1,000 output
-    tokens by process group, the engine's hatched."""
+    """A stacked bar per workload and concurrency, a panel per stack: the serving layer's CPU seconds
+    per 1,000 output tokens by process group (the engine's are in the table, not here: they would
+    dwarf the rest). The scale fits the bars from 2-way up; a taller bar is cut, its total written on it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stacks = sorted({row["stack"] for row in rows})
-    groups = sorted({group for row in rows for group in row["by_group"]}, key=lambda group: group == "engine")
+    groups = sorted({group for row in rows for group in row["by_group"] if group != "engine"})
     colours = dict(zip(groups, plt.get_cmap("tab10").colors, strict=False))
+    totals = [sum(row["by_group"].get(group, 0.0) for group in groups) for row in rows]
+    fitted = [total for row, total in zip(rows, totals, strict=True) if row["concurrency"] > 1] or totals
+    top = 1.15 * max(fitted, default=1.0) or 1.0
     figure, panels = plt.subplots(1, len(stacks), figsize=(5 * len(stacks), 4.5), sharey=True, squeeze=False)
     for axes, stack in zip(panels[0], stacks, strict=True):
         own = [row for row in rows if row["stack"] == stack]
-        labels = [f"{row['workload']}\n{row['concurrency']}" for row in own]
+        labels = [f"{row['workload']} {row['concurrency']}" for row in own]
         bottom = [0.0] * len(own)
         for group in groups:
             heights = [row["by_group"].get(group, 0.0) for row in own]
-            if not any(heights):
-                continue
-            axes.bar(
-                labels,
-                heights,
-                bottom=bottom,
-                label=group,
-                color=colours[group],
-                hatch="//" if group == "engine" else None,
-            )
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+            if any(heights):
+                axes.bar(labels, heights, bottom=bottom, label=group, color=colours[group])
+                bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        for x, total in enumerate(bottom):
+            if total > top:
+                axes.text(x, top * 0.97, f"{total:.1f}", ha="center", va="top", fontsize=7, rotation=90)
+        axes.set_ylim(0, top)
         axes.set_title(STACK_LABELS.get(stack, stack))
-        axes.set_xlabel("workload, concurrency")
-        axes.tick_params(axis="x", labelsize=7)
+        axes.tick_params(axis="x", labelsize=7, labelrotation=90)
         axes.legend(fontsize=7)
         axes.grid(True, axis="y", alpha=0.3)
-    panels[0][0].set_ylabel("CPU seconds per 1,000 output tokens")
+    panels[0][0].set_ylabel("serving CPU s per 1,000 output tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -30,6 +30,7 @@ from tests.ports import free_port
 WORKLOADS = ("text",)
 CONCURRENCIES = (1, 2)
 CEILING_CONCURRENCY = 4
+CEILING_PROMPTS = 8
 # One repeat: the order rotating between repeats and their median are the
 # unit tests' (test_bench_sweep, test_bench_report), and each further repeat
 # here costs two more server starts.
@@ -70,6 +71,7 @@ def bench(demo_checkpoint, tmp_path_factory):
         output_root=tmp_path_factory.mktemp("bench"),
         peers=(),
         ceiling_concurrency=CEILING_CONCURRENCY,
+        ceiling_prompts=CEILING_PROMPTS,
         ours_port=free_port(),
         vllm_port=free_port(),
         ceiling_port=free_port(),
@@ -179,10 +181,10 @@ def test_cpu_is_counted_per_process_group_of_each_stack(bench):
 
 
 def test_serving_ceiling_runs_our_stages_without_an_engine(bench):
-    settings, results = bench
+    _, results = bench
     ceiling = results["serving_ceiling"]
     assert ceiling["failed"] == 0
-    assert ceiling["completed"] == settings.num_prompts(CEILING_CONCURRENCY)
+    assert ceiling["completed"] == CEILING_PROMPTS
     assert ENGINE not in ceiling["cpu_s"]
     assert {"ingress", "decoder"} <= set(ceiling["cpu_s"])
     tokens = ceiling["completed"] * TINY.output_tokens
