@@ -16,7 +16,7 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.batching_stand_in import BatchingCostModel, StandInBatchingDecoder
-from serve.app import build_stages
+from serve.app import app_config, build_stages
 from serve.config import AppConfig
 
 # A step of 2 ms whatever the batch or the prompt: the engine is never the bound, and its
@@ -35,5 +35,5 @@ def free_engine(config: AppConfig) -> BatchingCostModel:
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Our stages with the free stand-in engine; `args` as `serve.app.build_app` takes them."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    config = app_config(args)
     return build_stages(config, StandInBatchingDecoder, (1.0,), free_engine(config))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from benchmarks import report
 from benchmarks.runner import BenchSettings, _measure
 from benchmarks.stacks import OurService
 from benchmarks.workloads import CPU_DEMO_SHAPE, WORKLOADS, build_workload
@@ -67,27 +67,21 @@ def variant_order(variants: list[Variant], round_index: int) -> list[Variant]:
     return variants if round_index % 2 == 0 else variants[::-1]
 
 
+# What a change is judged by, per variant and concurrency.
+JUDGED_BY = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "serving_cpu_s_per_1k_tokens")
+
+
 def medians(runs: list[dict]) -> list[dict]:
-    """Per variant and concurrency: the median over the rounds of the figures a change is judged by."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["stack"], run["concurrency"]), []).append(run)
+    """Per variant and concurrency: the median over the rounds of the figures in `JUDGED_BY`
+    (the benchmark report's medians, each variant being a stack)."""
     return [
         {
-            "variant": variant,
-            "concurrency": concurrency,
-            "rounds": len(measured),
-            **{
-                metric: statistics.median(run[metric] for run in measured)
-                for metric in (
-                    "output_throughput",
-                    "median_ttft_ms",
-                    "median_tpot_ms",
-                    "serving_cpu_s_per_1k_tokens",
-                )
-            },
+            "variant": run["stack"],
+            "concurrency": run["concurrency"],
+            "rounds": run["repeats"],
+            **{metric: run[metric] for metric in JUDGED_BY},
         }
-        for (variant, concurrency), measured in groups.items()
+        for run in report.medians(runs)
     ]
 
 

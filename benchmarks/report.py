@@ -127,11 +127,12 @@ def summary(runs: list[dict], stack: str = "ours", peer: str | None = None) -> d
     Throughput ratios are taken at the highest concurrency run; latency
     figures are the worst across the sweep.
     """
+    by_key = {(run["workload"], run["concurrency"], run["stack"]): run for run in medians(runs)}
     comparisons = {
-        **_against_peer(runs, stack, peer),
-        **_cpu_against(runs, stack, peer),
-        "image_repeat_vs_unique_ttft_p50_ratio": _repeat_vs_unique(runs, stack),
-        "engine_speed_output_tps": _engine_speed(runs),
+        **_against_peer(by_key, stack, peer),
+        **_cpu_against(by_key, stack, peer),
+        "image_repeat_vs_unique_ttft_p50_ratio": _repeat_vs_unique(by_key, stack),
+        "engine_speed_output_tps": _engine_speed(by_key),
     }
     runs = [run for run in runs if run["stack"] in (stack, "vllm")]
     table = ratio_table(runs, stack)
@@ -154,14 +155,9 @@ def summary(runs: list[dict], stack: str = "ours", peer: str | None = None) -> d
     return headline
 
 
-def _by_key(runs: list[dict]) -> dict[tuple, dict]:
-    return {(run["workload"], run["concurrency"], run["stack"]): run for run in medians(runs)}
-
-
-def _against_peer(runs: list[dict], stack: str, peer: str | None) -> dict:
+def _against_peer(by_key: dict[tuple, dict], stack: str, peer: str | None) -> dict:
     """Text: the lowest `stack` / `peer` output tokens/s and the highest TTFT p50 ratio across the
     levels both ran."""
-    by_key = _by_key(runs)
     pairs = [
         (measured, by_key[("text", concurrency, peer)])
         for (workload, concurrency, name), measured in by_key.items()
@@ -175,10 +171,9 @@ def _against_peer(runs: list[dict], stack: str, peer: str | None) -> dict:
     }
 
 
-def _cpu_against(runs: list[dict], stack: str, peer: str | None) -> dict:
+def _cpu_against(by_key: dict[tuple, dict], stack: str, peer: str | None) -> dict:
     """Text, at the highest concurrency `stack` ran: its serving CPU per 1,000 output tokens (every
     process but the engine's) over `peer`'s and over vLLM's server's."""
-    by_key = _by_key(runs)
     levels = [concurrency for workload, concurrency, name in by_key if workload == "text" and name == stack]
     figures = {}
     for key, other in (("vs_peer", peer), ("vs_vllm", "vllm")):
@@ -190,10 +185,9 @@ def _cpu_against(runs: list[dict], stack: str, peer: str | None) -> dict:
     return figures
 
 
-def _repeat_vs_unique(runs: list[dict], stack: str) -> float | None:
+def _repeat_vs_unique(by_key: dict[tuple, dict], stack: str) -> float | None:
     """The encoder cache's effect inside `stack`: the highest TTFT p50 ratio, a repeated image over
     a different image per request, across the levels both workloads ran."""
-    by_key = _by_key(runs)
     ratios = [
         _ratio(measured["median_ttft_ms"], by_key[("image-unique", concurrency, stack)]["median_ttft_ms"])
         for (workload, concurrency, name), measured in by_key.items()
@@ -202,10 +196,9 @@ def _repeat_vs_unique(runs: list[dict], stack: str) -> float | None:
     return _pick(ratios, max)
 
 
-def _engine_speed(runs: list[dict]) -> float | None:
+def _engine_speed(by_key: dict[tuple, dict]) -> float | None:
     """How fast this machine's engine ran: vLLM's server's output tokens/s on text at its highest
     concurrency, in the same run (ratios of tokens/s compare only between similar engine speeds)."""
-    by_key = _by_key(runs)
     levels = [concurrency for workload, concurrency, name in by_key if workload == "text" and name == "vllm"]
     if not levels:
         return None

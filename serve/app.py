@@ -44,12 +44,17 @@ def encoder_options(config: AppConfig) -> dict[str, Any]:
     return options
 
 
+def app_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
+    """An application builder's one argument as a validated config: a Serve config file's `args`,
+    or a config already built."""
+    return args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+
+
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on.
 
     Serve calls it with the config file's `args` (an application builder takes exactly one)."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    return build_stages(config, Decoder)
+    return build_stages(app_config(args), Decoder)
 
 
 def build_stages(config: AppConfig, decoder_deployment: Deployment, *decoder_args: Any) -> Application:

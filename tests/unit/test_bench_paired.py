@@ -37,8 +37,10 @@ def test_a_variant_adds_its_arguments_and_environment(tmp_path):
 def test_medians_are_per_variant_and_concurrency():
     def run(stack, concurrency, tps):
         return {
+            "workload": "text",
             "stack": stack,
             "concurrency": concurrency,
+            "failed": 0,
             "output_throughput": tps,
             "median_ttft_ms": tps / 10,
             "median_tpot_ms": 1.0,
