@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 from deployments.engine_settings import cpu_environment, engine_parallelism, usable_cores
@@ -257,15 +258,30 @@ def _default_sigint() -> None:
 
 
 def marked_processes(mark: str) -> list[int]:
-    """The processes whose environment holds `mark` (a NAME=value entry)."""
+    """The processes whose environment holds `mark` (a NAME=value entry), and their descendants.
+
+    A process that sets its title with setproctitle, as vLLM's engine core and
+    Ray's workers do, overwrites part of the memory `/proc/PID/environ` reads:
+    whether the mark survives depends on the lengths of its command line and
+    environment. Its ancestors' marks are still there, a server's own process
+    (`ministral-serve run`, `vllm serve`) and Ray's raylet first among them.
+    """
     wanted = mark.encode()
+    children: dict[int, list[int]] = {}
     marked = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+    for process in psutil.process_iter(["ppid"]):
+        children.setdefault(process.info["ppid"], []).append(process.pid)
+        if process.pid != os.getpid():
             with contextlib.suppress(OSError):
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    marked.append(int(entry.name))
-    return marked
+                if wanted in Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0"):
+                    marked.append(process.pid)
+    found = set()
+    while marked:
+        pid = marked.pop()
+        if pid not in found:
+            found.add(pid)
+            marked.extend(children.get(pid, ()))
+    return sorted(found)
 
 
 def on_gpu() -> bool:

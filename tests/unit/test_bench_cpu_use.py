@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.cpu_use import ENGINE, RUNTIME, CpuMeter, per_1k_tokens, process_group, serving_cpu_s
@@ -91,3 +93,52 @@ def test_meter_counts_the_cpu_each_marked_process_used_between_start_and_stop():
     assert cpu_s["proxy"] == pytest.approx(0.4, abs=0.1)
     assert cpu_s[ENGINE] == pytest.approx(0.2, abs=0.1)
     assert meter.exited == 0
+
+
+# Sets its title as vLLM titles its engine core, then burns like BURNER.
+RETITLED_BURNER = "import setproctitle, sys; setproctitle.setproctitle(sys.argv[2]); exec(sys.argv[3])"
+
+
+def test_a_process_whose_title_overwrote_its_environment_is_found_through_its_marked_parent():
+    mark = f"cpu-meter-retitled-{os.getpid()}"
+    # The marked parent stays: bash runs a list's first command in a child of its own.
+    parent = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            '"$0" -c "$1" 0.3 "$2" "$3"; exit $?',
+            sys.executable,
+            RETITLED_BURNER,
+            "VLLM::EngineCore",
+            BURNER,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, SERVER_MARK: mark},
+    )
+    try:
+        engine = _retitled_child(parent.pid, "VLLM::EngineCore")
+        # What the fix is for: setproctitle wiped the mark from the child's own environment.
+        assert f"{SERVER_MARK}={mark}".encode() not in Path(f"/proc/{engine.pid}/environ").read_bytes()
+        meter = CpuMeter(f"{SERVER_MARK}={mark}")
+        meter.start()
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline() == "done\n"
+        cpu_s = meter.stop()
+    finally:
+        for process in [*psutil.Process(parent.pid).children(), parent]:
+            process.kill()
+        parent.wait()
+    assert cpu_s[ENGINE] == pytest.approx(0.3, abs=0.1)
+
+
+def _retitled_child(parent_pid: int, title: str) -> psutil.Process:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for child in psutil.Process(parent_pid).children():
+            if child.cmdline()[:1] == [title]:
+                return child
+        time.sleep(0.05)
+    raise AssertionError(f"no child of {parent_pid} took the title {title}")
