@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict
 
@@ -24,6 +23,7 @@ from ray import serve
 from safetensors import safe_open
 
 from autoscaling import policies
+from deployments.byte_budget_lru import ByteBudgetLru
 from deployments.routing import HELD_IMAGE_PREFIX_CHARS, ThroughputWindow
 from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
@@ -117,36 +117,11 @@ class VisionEncoder:
         return [feature.to("cpu") for feature in features]
 
 
-class EmbeddingCache:
+class EmbeddingCache(ByteBudgetLru[torch.Tensor]):
     """LRU of image-token embeddings by image content hash, within a byte budget."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[str]:
-        """Least recently used first."""
-        return list(self._entries)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        embedding = self._entries.get(key)
-        if embedding is not None:
-            self._entries.move_to_end(key)
-        return embedding
-
-    def put(self, key: str, embedding: torch.Tensor) -> None:
-        size = embedding.numel() * embedding.element_size()
-        if size > self.max_bytes or key in self._entries:
-            return
-        while self.bytes + size > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.numel() * evicted.element_size()
-        self._entries[key] = embedding
-        self.bytes += size
+        super().__init__(max_bytes, size_of=lambda embedding: embedding.numel() * embedding.element_size())
 
 
 class EncoderMetrics:

@@ -33,26 +33,27 @@ class ImageError(ValueError):
     """An image input the service cannot use, described for the client."""
 
 
-async def load_image(
+async def load_image_bytes(
     url: str,
     limits: ImagesConfig,
     http: httpx.AsyncClient,
     resolve: Resolver = system_resolver,
     fetch_slots: asyncio.Semaphore | None = None,
-) -> Image.Image:
-    """Fetch or unpack the image behind `url` and decode it (RGB, upright, aspect policy applied).
+) -> bytes:
+    """The encoded image behind `url`: a data URL's payload, or the body fetched from it.
 
     `fetch_slots` caps the URLs fetched at once (data URLs need no slot)."""
     if url.startswith("data:"):
-        data = decode_data_url(url, limits.max_image_bytes)
-    elif fetch_slots is None:
-        data = await fetch_url(url, limits, http, resolve)
-    else:
-        async with fetch_slots:
-            data = await fetch_url(url, limits, http, resolve)
-    # Decoding is CPU work: off the event loop.
-    image = await asyncio.to_thread(decode_image, data, limits.max_image_pixels)
-    return apply_aspect_policy(image, limits.aspect_ratio)
+        return decode_data_url(url, limits.max_image_bytes)
+    if fetch_slots is None:
+        return await fetch_url(url, limits, http, resolve)
+    async with fetch_slots:
+        return await fetch_url(url, limits, http, resolve)
+
+
+def decode_upright(data: bytes, limits: ImagesConfig) -> Image.Image:
+    """Decode an encoded image: RGB, upright, the aspect-ratio policy applied. CPU work."""
+    return apply_aspect_policy(decode_image(data, limits.max_image_pixels), limits.aspect_ratio)
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:

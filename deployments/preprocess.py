@@ -3,31 +3,39 @@
 Text-only conversations are templated inside the ingress process
 (`serve.chat_template`): a separate deployment would add a network hop
 and a serialisation to every request for microseconds of work. Conversations
-with images come here: `ImageLoader` fetches and decodes the images, the chat
-template (mistral_common) lays out the image tokens and normalises the
-pixels, and the pixel arrays are left in Ray's object store for the encoder.
+with images come here. `ImagePreprocessor` fetches or unpacks each image's
+bytes; an image whose bytes it has seen before comes from its cache, any
+other is decoded, resized and normalised (mistral_common's image encoder)
+and hashed. The chat template then lays out the conversation around the
+images' [IMG] tokens, and the pixel arrays are left in Ray's object store
+for the encoder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
-from PIL import Image
+from mistral_common.tokens.tokenizers.image import ImageEncoding
 from ray import serve
 
-from deployments.image_loading import ImageError, load_image
+from deployments.byte_budget_lru import ByteBudgetLru
+from deployments.image_loading import ImageError, decode_upright, load_image_bytes
 from deployments.url_guard import Resolver, system_resolver
-from serve.chat_template import ChatTemplate, PartPosition, image_positions
+from serve.chat_template import ChatTemplate, EncodedImage, PartPosition, image_positions
 from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig, ImagesConfig
 from serve.errors import BadRequest
 from serve.messages import ImageForEncoder, PreprocessedRequest
 from serve.metrics import (
     IMAGES_PREPROCESSED,
+    PREPROCESS_CACHE_HITS,
     PREPROCESS_SECONDS,
     ray_metric,
 )
@@ -41,8 +49,22 @@ def content_hash(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _image_param(position: PartPosition) -> str:
+    i, j = position
+    return f"messages[{i}].content[{j}].image_url"
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """One image, decoded, resized and normalised: its [IMG] tokens and pixels for the chat
+    template, and what the encoder gets."""
+
+    encoding: ImageEncoding
+    for_encoder: ImageForEncoder
+
+
 class ImageLoader:
-    """Fetches and decodes the images of a conversation, all at once."""
+    """Fetches or unpacks the images of a conversation, all at once."""
 
     def __init__(self, limits: ImagesConfig, resolve: Resolver = system_resolver):
         self.limits = limits
@@ -53,22 +75,103 @@ class ImageLoader:
         )
         self._fetches = asyncio.Semaphore(limits.max_concurrent_fetches)
 
-    async def load(self, messages: list[ChatMessage]) -> dict[PartPosition, Image.Image]:
+    async def load(self, messages: list[ChatMessage]) -> dict[PartPosition, bytes]:
+        """The encoded bytes of every image part, by position."""
         positions = image_positions(messages)
         loaded = await asyncio.gather(*(self._load_one(messages, position) for position in positions))
         return dict(zip(positions, loaded, strict=True))
 
-    async def _load_one(self, messages: list[ChatMessage], position: PartPosition) -> Image.Image:
+    async def _load_one(self, messages: list[ChatMessage], position: PartPosition) -> bytes:
         i, j = position
-        part = messages[i].content[j]
+        url = messages[i].content[j].image_url.url
         try:
-            image = await load_image(
-                part.image_url.url, self.limits, self._http, self._resolve, self._fetches
-            )
+            return await load_image_bytes(url, self.limits, self._http, self._resolve, self._fetches)
         except ImageError as e:
-            param = f"messages[{i}].content[{j}].image_url"
+            param = _image_param(position)
             raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e
+
+
+class ImagePreprocessor:
+    """Conversations with images -> `PreprocessedRequest`, with an LRU of preprocessed images by
+    the bytes they came from (within `cache_bytes`): a repeated image, which every turn of a chat
+    about a picture sends again, is decoded, resized, normalised and hashed once."""
+
+    def __init__(
+        self,
+        template: ChatTemplate,
+        limits: ImagesConfig,
+        cache_bytes: int,
+        resolve: Resolver = system_resolver,
+        count_cache_hits: Callable[[int], None] = lambda hits: None,
+    ):
+        self._template = template
+        self._loader = ImageLoader(limits, resolve)
+        self._cache: ByteBudgetLru[PreprocessedImage] = ByteBudgetLru(
+            cache_bytes, size_of=lambda image: image.for_encoder.pixels.nbytes
+        )
+        # Requests are preprocessed in threads of their own (asyncio.to_thread).
+        self._cache_lock = threading.Lock()
+        self._count_cache_hits = count_cache_hits
+
+    async def preprocess(
+        self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
+    ) -> PreprocessedRequest:
+        encoded_images = await self._loader.load(messages)
+        # Decoding, resizing, normalising and hashing are CPU work: off the event loop.
+        preprocessed, cache_hits = await asyncio.to_thread(
+            self._template_images, messages, encoded_images, tools
+        )
+        if cache_hits:
+            self._count_cache_hits(cache_hits)
+        return preprocessed
+
+    def _template_images(
+        self,
+        messages: list[ChatMessage],
+        encoded_images: dict[PartPosition, bytes],
+        tools: list[ToolDefinition] | None,
+    ) -> tuple[PreprocessedRequest, int]:
+        keys = {position: _source_key(data) for position, data in encoded_images.items()}
+        with self._cache_lock:
+            cached = {position: self._cache.get(key) for position, key in keys.items()}
+        images = {
+            position: cached[position] or self._new_image(position, encoded_images[position], keys[position])
+            for position in encoded_images
+        }
+        tokenized = self._template.encode_chat(
+            messages, {position: EncodedImage(image.encoding) for position, image in images.items()}, tools
+        )
+        # mistral_common lays the images out in conversation order, the order of `image_positions`.
+        preprocessed = PreprocessedRequest(
+            prompt_token_ids=tokenized.prompt_token_ids,
+            images=[images[position].for_encoder for position in image_positions(messages)],
+        )
+        return preprocessed, sum(image is not None for image in cached.values())
+
+    def _new_image(self, position: PartPosition, data: bytes, key: str) -> PreprocessedImage:
+        param = _image_param(position)
+        try:
+            decoded = decode_upright(data, self._loader.limits)
+        except ImageError as e:
+            raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e
+        encoding = self._template.encode_image(decoded, param)
+        pixels = encoding.image
+        image = PreprocessedImage(
+            encoding=encoding,
+            for_encoder=ImageForEncoder(
+                content_hash=content_hash(pixels),
+                pixels=pixels,
+                height=pixels.shape[1],
+                width=pixels.shape[2],
+            ),
+        )
+        with self._cache_lock:
+            self._cache.put(key, image)
         return image
+
+
+def _source_key(encoded_image: bytes) -> str:
+    return hashlib.blake2b(encoded_image, digest_size=16).hexdigest()
 
 
 class PreprocessMetrics:
@@ -76,6 +179,7 @@ class PreprocessMetrics:
 
     def __init__(self):
         self.images_preprocessed = ray_metric(IMAGES_PREPROCESSED)
+        self.cache_hits = ray_metric(PREPROCESS_CACHE_HITS)
         self.seconds = ray_metric(PREPROCESS_SECONDS)
 
 
@@ -84,9 +188,14 @@ class Preprocess:
     """Image requests: fetch, decode, template; pixel arrays go to the object store."""
 
     def __init__(self, config: AppConfig):
-        self._template = ChatTemplate.from_config(open_checkpoint(config.model, weights=False), config)
-        self._loader = ImageLoader(config.images)
+        template = ChatTemplate.from_config(open_checkpoint(config.model, weights=False), config)
         self._metrics = PreprocessMetrics()
+        self._preprocessor = ImagePreprocessor(
+            template,
+            config.images,
+            config.images.preprocessed_cache_bytes,
+            count_cache_hits=self._metrics.cache_hits.inc,
+        )
 
     async def check_health(self) -> None:
         """Serve's periodic check, and the ingress's /health probe: answering is the check."""
@@ -95,27 +204,7 @@ class Preprocess:
         self, messages: list[ChatMessage], tools: list[ToolDefinition] | None = None
     ) -> PreprocessedRequest:
         started = time.perf_counter()
-        images = await self._loader.load(messages)
-        # Resizing, normalising and hashing are CPU work: off the event loop.
-        preprocessed = await asyncio.to_thread(self._template_and_hash, messages, images, tools)
+        preprocessed = await self._preprocessor.preprocess(messages, tools)
         self._metrics.images_preprocessed.inc(len(preprocessed.images))
         self._metrics.seconds.observe(time.perf_counter() - started)
         return preprocessed
-
-    def _template_and_hash(
-        self,
-        messages: list[ChatMessage],
-        images: dict[PartPosition, Image.Image],
-        tools: list[ToolDefinition] | None,
-    ) -> PreprocessedRequest:
-        tokenized = self._template.encode_chat(messages, images, tools)
-        encoder_inputs = [
-            ImageForEncoder(
-                content_hash=content_hash(pixels),
-                pixels=pixels,
-                height=pixels.shape[1],
-                width=pixels.shape[2],
-            )
-            for pixels in tokenized.image_pixels
-        ]
-        return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids, images=encoder_inputs)

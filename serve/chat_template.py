@@ -27,6 +27,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest as MistralChatRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.image import ImageEncoder, ImageEncoding
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
@@ -49,6 +50,31 @@ class TokenizedChat:
     image_pixels: list[np.ndarray] = field(default_factory=list)
 
 
+class EncodedImage(Image.Image):
+    """An image whose encoding (mistral_common's `ImageEncoding`: its [IMG] tokens and normalised
+    pixels) is already known, passed to `ChatTemplate.encode_chat` in place of the decoded image:
+    the preprocess stage resizes and normalises a repeated image once (`ChatTemplate.encode_image`)."""
+
+    def __init__(self, encoding: ImageEncoding):
+        super().__init__()
+        self.encoding = encoding
+
+
+class _KnownEncodings:
+    """mistral_common's image encoder, answering an `EncodedImage` with the encoding it carries."""
+
+    def __init__(self, encoder: ImageEncoder):
+        self.encoder = encoder
+
+    def __call__(self, content: ImageChunk) -> ImageEncoding:
+        if isinstance(content.image, EncodedImage):
+            return content.image.encoding
+        return self.encoder(content)
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+
 def image_positions(messages: list[ChatMessage]) -> list[PartPosition]:
     return [
         (i, j)
@@ -69,6 +95,10 @@ class ChatTemplate:
     ):
         self.checkpoint = checkpoint
         self.tokenizer = MistralTokenizer.from_file(str(checkpoint.tokenizer_file), mode=ValidationMode.test)
+        instruct = self.tokenizer.instruct_tokenizer
+        self._image_encoder: ImageEncoder | None = instruct.image_encoder
+        if self._image_encoder is not None:
+            instruct.image_encoder = _KnownEncodings(self._image_encoder)
         self._use_default_system_prompt = use_default_system_prompt
         self._today = today
 
@@ -85,10 +115,19 @@ class ChatTemplate:
     @property
     def image_token_id(self) -> int:
         """Token id of [IMG], read from the checkpoint's own tokenizer file."""
-        image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
-        if image_encoder is None:
+        if self._image_encoder is None:
             raise ValueError(f"{self.checkpoint.tokenizer_file} has no image settings")
-        return image_encoder.special_ids.img
+        return self._image_encoder.special_ids.img
+
+    def encode_image(self, image: Image.Image, param: str) -> ImageEncoding:
+        """One decoded image's [IMG] tokens and normalised pixels, as `encode_chat` lays them out;
+        `param` names the content part in a client's error."""
+        if self._image_encoder is None:
+            raise BadRequest(f"{param}: this model does not take images", param=param)
+        try:
+            return self._image_encoder(ImageChunk(image=image))
+        except (MistralCommonException, ValueError, AssertionError) as e:
+            raise BadRequest(f"{param}: {e}", param=param) from e
 
     def default_system_prompt(self) -> str | None:
         if not self._use_default_system_prompt:
@@ -103,7 +142,8 @@ class ChatTemplate:
     ) -> TokenizedChat:
         """Render and tokenize a conversation; client mistakes raise BadRequest.
 
-        `images` holds the decoded image of every image part, by position.
+        `images` holds the decoded image of every image part, by position, or its
+        `EncodedImage`.
         """
         check_tool_results(messages)
         images = images or {}

@@ -356,6 +356,15 @@ class ImagesConfig(_Strict):
         default=16, ge=1, description="Image URLs one preprocess replica fetches at once; the rest wait."
     )
     aspect_ratio: AspectRatioPolicy = Field(default_factory=AspectRatioPolicy)
+    preprocessed_cache_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description=(
+            "Byte budget of each preprocess replica's LRU of preprocessed images (normalised pixels), "
+            "keyed by the image's bytes: an image sent again is not decoded, resized or normalised "
+            "again. 0 disables it."
+        ),
+    )
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -151,6 +151,14 @@ IMAGE_REQUESTS = _ours(
 IMAGES_PREPROCESSED = _ours(
     "images_preprocessed", "counter", "short", (), "preprocess", "Images fetched, decoded and templated."
 )
+PREPROCESS_CACHE_HITS = _ours(
+    "preprocess_cache_hits",
+    "counter",
+    "short",
+    (),
+    "preprocess",
+    "Images whose bytes the preprocess replica had seen: decoded, resized and normalised pixels reused.",
+)
 PREPROCESS_SECONDS = _ours(
     "preprocess_seconds",
     "histogram",
@@ -304,6 +312,7 @@ CATALOGUE: tuple[Metric, ...] = (
     GENERATION_TOKENS,
     IMAGE_REQUESTS,
     IMAGES_PREPROCESSED,
+    PREPROCESS_CACHE_HITS,
     PREPROCESS_SECONDS,
     ENCODER_IMAGES_ENCODED,
     ENCODER_BATCH_SIZE,

@@ -9,11 +9,12 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from deployments.preprocess import ImageLoader, content_hash
+from deployments.preprocess import ImagePreprocessor
 from serve.chat_template import ChatTemplate
 from serve.checkpoint import Checkpoint
 from serve.config import AppConfig, ImagesConfig
 from serve.errors import BadRequest
+from serve.messages import PreprocessedRequest
 from serve.protocol.chat import ChatMessage
 from tests.image_server import data_url, image_bytes
 from tests.reference import mistral_common_encoding
@@ -111,11 +112,10 @@ def image_part(name: str, fmt: str = "PNG", **save_args) -> dict:
     return {"type": "image_url", "image_url": {"url": data_url(data, f"image/{fmt.lower()}")}}
 
 
-def ours(preprocessor, raw_messages):
+def ours(preprocessor, raw_messages) -> PreprocessedRequest:
+    """The preprocess stage's work, without its cache: every image decoded and resized here."""
     messages = [ChatMessage.model_validate(m) for m in raw_messages]
-    loader = ImageLoader(ImagesConfig())
-    images = asyncio.run(loader.load(messages))
-    return preprocessor.encode_chat(messages, images)
+    return asyncio.run(ImagePreprocessor(preprocessor, ImagesConfig(), cache_bytes=0).preprocess(messages))
 
 
 @pytest.mark.parametrize(
@@ -139,15 +139,15 @@ def test_image_prompts_equal_mistral_common(preprocessor, reference_tokenizer, d
     tokenized = ours(preprocessor, raw_messages)
     expected = mistral_common_encoding(reference_tokenizer, raw_messages, system_prompt)
     assert tokenized.prompt_token_ids == expected.tokens
-    assert len(tokenized.image_pixels) == len(expected.images)
-    for pixels, reference in zip(tokenized.image_pixels, expected.images, strict=True):
-        assert pixels.shape == reference.shape
-        assert pixels.dtype == np.float32
-        assert np.array_equal(pixels, reference)
+    assert len(tokenized.images) == len(expected.images)
+    for image, reference in zip(tokenized.images, expected.images, strict=True):
+        assert image.pixels.shape == reference.shape == (3, image.height, image.width)
+        assert image.pixels.dtype == np.float32
+        assert np.array_equal(image.pixels, reference)
     # Every image fits the 1540 px limit, in whole 28 px (patch x merge) tiles.
-    for pixels in tokenized.image_pixels:
-        assert max(pixels.shape[1:]) <= 1540 + 27
-        assert pixels.shape[1] % 28 == 0 and pixels.shape[2] % 28 == 0
+    for image in tokenized.images:
+        assert max(image.pixels.shape[1:]) <= 1540 + 27
+        assert image.pixels.shape[1] % 28 == 0 and image.pixels.shape[2] % 28 == 0
 
 
 def test_image_tokens_follow_the_tile_grid(preprocessor):
@@ -160,10 +160,10 @@ def test_image_tokens_follow_the_tile_grid(preprocessor):
 def test_content_hash_identifies_the_pixels(preprocessor):
     first = ours(preprocessor, [{"role": "user", "content": [image_part("plain"), image_part("wide")]}])
     again = ours(preprocessor, [{"role": "user", "content": [image_part("plain", compress_level=0)]}])
-    plain, wide = (content_hash(p) for p in first.image_pixels)
+    plain, wide = (image.content_hash for image in first.images)
     assert plain != wide
     # The same picture encoded into other bytes is the same encoder input.
-    assert content_hash(again.image_pixels[0]) == plain
+    assert again.images[0].content_hash == plain
 
 
 def test_images_outside_user_messages_are_refused(preprocessor):

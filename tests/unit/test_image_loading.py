@@ -16,7 +16,8 @@ from deployments.image_loading import (
     apply_aspect_policy,
     decode_data_url,
     decode_image,
-    load_image,
+    decode_upright,
+    load_image_bytes,
 )
 from serve.config import AspectRatioPolicy, ImagesConfig
 from tests.image_server import data_url, image_bytes
@@ -29,7 +30,7 @@ LOCAL = ImagesConfig(allow_private_networks=True, fetch_timeout_s=2.0, max_redir
 def load(url: str, limits: ImagesConfig = LOCAL) -> Image.Image:
     async def run():
         async with httpx.AsyncClient(trust_env=False) as http:
-            return await load_image(url, limits, http)
+            return decode_upright(await load_image_bytes(url, limits, http), limits)
 
     return asyncio.run(run())
 

@@ -15,7 +15,7 @@ import ipaddress
 import httpx
 import pytest
 
-from deployments.image_loading import ImageError, fetch_url, load_image
+from deployments.image_loading import ImageError, decode_upright, fetch_url, load_image_bytes
 from deployments.url_guard import RefusedUrl, checked_target
 from serve.config import ImagesConfig
 from tests.image_server import image_bytes
@@ -260,10 +260,10 @@ def test_fetches_wait_for_a_slot_beyond_the_cap():
         async with httpx.AsyncClient(transport=internet) as http:
             return await asyncio.gather(
                 *(
-                    load_image(f"http://public.test/{i}.png", ImagesConfig(), http, resolve, slots)
+                    load_image_bytes(f"http://public.test/{i}.png", ImagesConfig(), http, resolve, slots)
                     for i in range(6)
                 )
             )
 
-    assert [image.size for image in asyncio.run(run())] == [(8, 6)] * 6
+    assert [decode_upright(data, ImagesConfig()).size for data in asyncio.run(run())] == [(8, 6)] * 6
     assert internet.most_in_flight == 2
