@@ -39,10 +39,13 @@ DEPLOYMENT_GROUPS = {
 }
 
 
-def process_group(title: str) -> str:
+def process_group(title: str, name: str = "") -> str:
     """The group a process of a benchmarked stack belongs to, from its title (its first argument
-    as `ps` shows it, or its whole command line)."""
-    if title.startswith("VLLM::") or "EngineCore" in title:
+    as `ps` shows it, or its whole command line) and its name (`/proc/PID/comm`, 15 characters).
+
+    setproctitle sets both; where it cannot rewrite the command line, only the name shows the
+    title, and a spawned vLLM engine process keeps `python -c "from multiprocessing.spawn ..."`."""
+    if title.startswith("VLLM::") or "EngineCore" in title or name.startswith("VLLM::"):
         return ENGINE
     if title.startswith(("ray::ProxyActor", "ray::HAProxyManager")):
         return "proxy"
@@ -99,6 +102,7 @@ def _readings(mark: str) -> dict[int, tuple[str, float]]:
             process = psutil.Process(pid)
             with process.oneshot():
                 times = process.cpu_times()
-                title = " ".join(process.cmdline()) or process.name()
-            readings[pid] = (process_group(title), times.user + times.system)
+                name = process.name()
+                title = " ".join(process.cmdline()) or name
+            readings[pid] = (process_group(title, name), times.user + times.system)
     return readings

@@ -41,6 +41,12 @@ def test_process_titles_map_to_groups(title, group):
     assert process_group(title) == group
 
 
+def test_a_vllm_process_whose_command_line_kept_its_spawn_arguments_is_the_engine_by_its_name():
+    spawned = f"{sys.executable} -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=7)"
+    assert process_group(spawned, name="VLLM::EngineCor") == ENGINE
+    assert process_group(spawned, name="python") == RUNTIME
+
+
 def test_serving_cpu_is_everything_but_the_engine():
     assert serving_cpu_s({"proxy": 1.5, "ingress": 2.0, ENGINE: 10.0}) == pytest.approx(3.5)
     assert per_1k_tokens(3.5, 7000) == pytest.approx(0.5)
