@@ -47,6 +47,8 @@ class Server:
     name: str
     # The stack's name in the results.
     key: str
+    # Answers 200 once the server takes requests.
+    ready_path = "/v1/models"
 
     def __init__(self, port: int, log_path: Path):
         self.port = port
@@ -88,7 +90,7 @@ class Server:
             if self._process.poll() is not None:
                 raise ServerFailed(f"{self.name} exited with {self._process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                if httpx.get(f"{self.base_url}{self.ready_path}", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -172,6 +174,8 @@ class RayServeStack(Server):
 class OurService(RayServeStack):
     name = key = "ours"
     module = ("serve", "run")
+    # Every stage running: the ingress answers /v1/models while the others may still be starting.
+    ready_path = "/health"
 
 
 class ServingCeiling(OurService):
