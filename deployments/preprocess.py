@@ -141,10 +141,11 @@ class ImagePreprocessor:
         tokenized = self._template.encode_chat(
             messages, {position: EncodedImage(image.encoding) for position, image in images.items()}, tools
         )
-        # mistral_common lays the images out in conversation order, the order of `image_positions`.
+        # In prompt order, which mistral_common decides: each array it returns is an encoding's own.
+        for_encoder = {id(image.encoding.image): image.for_encoder for image in images.values()}
         preprocessed = PreprocessedRequest(
             prompt_token_ids=tokenized.prompt_token_ids,
-            images=[images[position].for_encoder for position in image_positions(messages)],
+            images=[for_encoder[id(pixels)] for pixels in tokenized.image_pixels],
         )
         return preprocessed, sum(image is not None for image in cached.values())
 
