@@ -105,6 +105,7 @@ class ImagePreprocessor:
         count_cache_hits: Callable[[int], None] = lambda hits: None,
     ):
         self._template = template
+        self._limits = limits
         self._loader = ImageLoader(limits, resolve)
         self._cache: ByteBudgetLru[PreprocessedImage] = ByteBudgetLru(
             cache_bytes, size_of=lambda image: image.for_encoder.pixels.nbytes
@@ -152,7 +153,7 @@ class ImagePreprocessor:
     def _new_image(self, position: PartPosition, data: bytes, key: str) -> PreprocessedImage:
         param = _image_param(position)
         try:
-            decoded = decode_upright(data, self._loader.limits)
+            decoded = decode_upright(data, self._limits)
         except ImageError as e:
             raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e
         encoding = self._template.encode_image(decoded, param)
