@@ -54,6 +54,12 @@ def _image_param(position: PartPosition) -> str:
     return f"messages[{i}].content[{j}].image_url"
 
 
+def _invalid_image(position: PartPosition, error: ImageError) -> BadRequest:
+    """The client's error for an image part that could not be fetched, unpacked or decoded."""
+    param = _image_param(position)
+    return BadRequest(f"{param}: {error}", param=param, code="invalid_image")
+
+
 @dataclass(frozen=True)
 class PreprocessedImage:
     """One image, decoded, resized and normalised: its [IMG] tokens and pixels for the chat
@@ -87,8 +93,7 @@ class ImageLoader:
         try:
             return await load_image_bytes(url, self.limits, self._http, self._resolve, self._fetches)
         except ImageError as e:
-            param = _image_param(position)
-            raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e
+            raise _invalid_image(position, e) from e
 
 
 class ImagePreprocessor:
@@ -151,12 +156,11 @@ class ImagePreprocessor:
         return preprocessed, sum(image is not None for image in cached.values())
 
     def _new_image(self, position: PartPosition, data: bytes, key: str) -> PreprocessedImage:
-        param = _image_param(position)
         try:
             decoded = decode_upright(data, self._limits)
         except ImageError as e:
-            raise BadRequest(f"{param}: {e}", param=param, code="invalid_image") from e
-        encoding = self._template.encode_image(decoded, param)
+            raise _invalid_image(position, e) from e
+        encoding = self._template.encode_image(decoded, _image_param(position))
         pixels = encoding.image
         image = PreprocessedImage(
             encoding=encoding,
