@@ -23,8 +23,8 @@ from ray import serve
 from safetensors import safe_open
 
 from autoscaling import policies
-from deployments.byte_budget_lru import ByteBudgetLru
 from deployments.routing import HELD_IMAGE_PREFIX_CHARS, ThroughputWindow
+from serve.byte_budget_lru import ByteBudgetLru
 from serve.checkpoint import Checkpoint, open_checkpoint, resolve_dtype
 from serve.config import AppConfig
 from serve.messages import EncoderLoad, ImageForEncoder, ImageTokenEmbeddings, PreprocessedRequest

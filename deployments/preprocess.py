@@ -18,6 +18,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -25,9 +26,9 @@ import numpy as np
 from mistral_common.tokens.tokenizers.image import ImageEncoding
 from ray import serve
 
-from deployments.byte_budget_lru import ByteBudgetLru
 from deployments.image_loading import ImageError, decode_upright, load_image_bytes
 from deployments.url_guard import Resolver, system_resolver
+from serve.byte_budget_lru import ByteBudgetLru
 from serve.chat_template import ChatTemplate, EncodedImage, PartPosition, image_positions
 from serve.checkpoint import open_checkpoint
 from serve.config import AppConfig, ImagesConfig
@@ -79,19 +80,27 @@ class ImageLoader:
         self._http = httpx.AsyncClient(
             timeout=limits.fetch_timeout_s, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
         )
-        self._fetches = asyncio.Semaphore(limits.max_concurrent_fetches)
+        self.fetch_slots = asyncio.Semaphore(limits.max_concurrent_fetches)
 
     async def load(self, messages: list[ChatMessage]) -> dict[PartPosition, bytes]:
-        """The encoded bytes of every image part, by position."""
-        positions = image_positions(messages)
-        loaded = await asyncio.gather(*(self._load_one(messages, position) for position in positions))
-        return dict(zip(positions, loaded, strict=True))
+        """The encoded bytes of every image part, by position. When one fails, the others are
+        cancelled (their fetch slots freed) before its error is raised."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                loads = {
+                    position: group.create_task(self._load_one(messages, position))
+                    for position in image_positions(messages)
+                }
+        except ExceptionGroup as failed:
+            # The first failure answers the client.
+            raise failed.exceptions[0] from None
+        return {position: load.result() for position, load in loads.items()}
 
     async def _load_one(self, messages: list[ChatMessage], position: PartPosition) -> bytes:
         i, j = position
         url = messages[i].content[j].image_url.url
         try:
-            return await load_image_bytes(url, self.limits, self._http, self._resolve, self._fetches)
+            return await load_image_bytes(url, self.limits, self._http, self._resolve, self.fetch_slots)
         except ImageError as e:
             raise _invalid_image(position, e) from e
 
@@ -112,10 +121,13 @@ class ImagePreprocessor:
         self._template = template
         self._limits = limits
         self._loader = ImageLoader(limits, resolve)
+        # Decoding an image can take hundreds of MiB and a CPU-second: at most decode_workers of them
+        # at once (asyncio.to_thread's default pool runs as many as the cores + 4).
+        self._decode_pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="image-decode")
         self._cache: ByteBudgetLru[PreprocessedImage] = ByteBudgetLru(
             cache_bytes, size_of=lambda image: image.for_encoder.pixels.nbytes
         )
-        # Requests are preprocessed in threads of their own (asyncio.to_thread).
+        # Requests are preprocessed in the decode pool's threads.
         self._cache_lock = threading.Lock()
         self._count_cache_hits = count_cache_hits
 
@@ -124,8 +136,8 @@ class ImagePreprocessor:
     ) -> PreprocessedRequest:
         encoded_images = await self._loader.load(messages)
         # Decoding, resizing, normalising and hashing are CPU work: off the event loop.
-        preprocessed, cache_hits = await asyncio.to_thread(
-            self._template_images, messages, encoded_images, tools
+        preprocessed, cache_hits = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, self._template_images, messages, encoded_images, tools
         )
         if cache_hits:
             self._count_cache_hits(cache_hits)
@@ -157,7 +169,7 @@ class ImagePreprocessor:
 
     def _new_image(self, position: PartPosition, data: bytes, key: str) -> PreprocessedImage:
         try:
-            decoded = decode_upright(data, self._limits)
+            decoded = decode_upright(data, self._limits, self._template.max_image_side_px)
         except ImageError as e:
             raise _invalid_image(position, e) from e
         encoding = self._template.encode_image(decoded, _image_param(position))

@@ -119,6 +119,11 @@ class ChatTemplate:
             raise ValueError(f"{self.checkpoint.tokenizer_file} has no image settings")
         return self._image_encoder.special_ids.img
 
+    @property
+    def max_image_side_px(self) -> int | None:
+        """The longest side the tokenizer resizes an image down to (None: the model takes no images)."""
+        return None if self._image_encoder is None else self._image_encoder.image_config.max_image_size
+
     def encode_image(self, image: Image.Image, param: str) -> ImageEncoding:
         """One decoded image's [IMG] tokens and normalised pixels, as `encode_chat` lays them out;
         `param` names the content part in a client's error."""
@@ -167,6 +172,10 @@ class ChatTemplate:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
+
+    def decode_each(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (/tokenize's token_strs)."""
+        return [self.tokenizer.decode([token_id]) for token_id in token_ids]
 
 
 def check_tool_results(messages: list[ChatMessage]) -> None:

@@ -328,11 +328,22 @@ class ImagesConfig(_Strict):
         description="Largest encoded image (fetched or data URL), in bytes.",
     )
     max_image_pixels: int = Field(
-        default=40_000_000,
+        default=4096 * 4096,
         ge=1,
         description=(
-            "Largest decoded image, width x height. Checked before pixels are decoded; Pillow's "
-            "own decompression-bomb guard stays on behind it."
+            "Largest image decoded, width x height (of a JPEG, at the reduced scale it is decoded at). "
+            "Checked before pixels are decoded; Pillow's own decompression-bomb guard stays on behind "
+            "it. The model sees at most 1540 px a side (Ministral 3's tokenizer resizes larger images "
+            "down), so 4096 x 4096 is well above what it uses, while a few KiB of PNG that would "
+            "decode to hundreds of MiB is refused."
+        ),
+    )
+    decode_workers: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Threads of each preprocess replica that decode and template images: at most this many "
+            "images are decoded at once, each up to max_image_pixels x 4 bytes and a CPU-second."
         ),
     )
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="Time limit for fetching one image URL.")
@@ -350,6 +361,14 @@ class ImagesConfig(_Strict):
             "Host names image URLs may point to: exact names, or *.example.com for its subdomains. "
             "Empty: any host whose addresses are public. Private addresses still need "
             "allow_private_networks."
+        ),
+    )
+    allowed_ports: list[int] = Field(
+        default_factory=lambda: [80, 443],
+        description=(
+            "Ports image URLs may point to; a URL without one uses its scheme's (80 for http, 443 "
+            "for https). Other ports of a public host are seldom an image server and often an admin "
+            "or database port. Empty: any port (a test image server listening on a random port)."
         ),
     )
     max_concurrent_fetches: int = Field(
@@ -374,6 +393,14 @@ class ImagesConfig(_Strict):
             if not pattern.fullmatch(host):
                 raise ValueError(f"{host!r} is not a lower-case host name or *.domain pattern")
         return hosts
+
+    @field_validator("allowed_ports")
+    @classmethod
+    def _ports(cls, ports: list[int]) -> list[int]:
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port (1-65535)")
+        return ports
 
 
 class EncoderConfig(_Strict):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import io
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -30,6 +32,16 @@ def image_bytes(size=(64, 48), mode="RGB", fmt="PNG", color=None, **save_args) -
     return buffer.getvalue()
 
 
+def gzipped_zeros(size: int) -> bytes:
+    """`size` zero bytes, gzipped a MiB at a time (the zeros never sit in memory at once)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    body = b"".join(
+        compressor.compress(zeros[: min(len(zeros), size - done)]) for done in range(0, size, len(zeros))
+    )
+    return body + compressor.flush()
+
+
 def data_url(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
@@ -41,6 +53,7 @@ class ImageServer:
     /status/CODE       an empty reply with that status
     /slow/SECONDS      waits, then a PNG
     /stream/BYTES      a chunked body of that size with no Content-Length
+    /gzip/LAYERS/BYTES that many zero bytes gzipped LAYERS times, sent as Content-Encoding: gzip, gzip...
     """
 
     def __init__(self):
@@ -87,6 +100,18 @@ class ImageServer:
                         self.wfile.write(b"0\r\n\r\n")
                     except (BrokenPipeError, ConnectionResetError):
                         pass
+                elif parts[0] == "gzip":
+                    layers, size = int(parts[1]), int(parts[2])
+                    body = gzipped_zeros(size)
+                    for _ in range(layers - 1):
+                        body = gzip.compress(body)
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Encoding", ", ".join(["gzip"] * layers))
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self.wfile.write(body)
                 else:
                     self._reply(404, b"not found", "text/plain")
 

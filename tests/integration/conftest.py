@@ -84,11 +84,11 @@ def service(ray_cluster, demo_checkpoint) -> Service:
             },
             "encoder": {"cache_bytes": ENCODER_CACHE_BYTES},
             "images": {
-                # The test image server runs on 127.0.0.1.
+                # The test image server runs on 127.0.0.1, on a port of its own.
                 "allow_private_networks": True,
+                "allowed_ports": [],
                 "max_images_per_request": 6,
                 "max_image_bytes": 1_000_000,
-                "max_image_pixels": 4_000_000,
                 "fetch_timeout_s": 3.0,
                 "max_redirects": 2,
             },

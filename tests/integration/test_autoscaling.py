@@ -46,7 +46,7 @@ def scaling_url(ray_cluster, demo_checkpoint):
         {
             "model": {"source": str(demo_checkpoint), "served_name": "demo"},
             "engine": {"max_num_seqs": 2},
-            "images": {"allow_private_networks": True, "fetch_timeout_s": 10.0},
+            "images": {"allow_private_networks": True, "allowed_ports": [], "fetch_timeout_s": 10.0},
             "use_default_system_prompt": False,
             "deployments": {
                 "ingress": {"num_cpus": 0},

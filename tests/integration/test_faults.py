@@ -59,7 +59,7 @@ def faults_url(ray_cluster, demo_checkpoint, image_server):
         {
             "model": {"source": str(demo_checkpoint), "served_name": "demo"},
             "engine": {"max_model_len": 4096, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 4},
-            "images": {"allow_private_networks": True, "fetch_timeout_s": 5.0},
+            "images": {"allow_private_networks": True, "allowed_ports": [], "fetch_timeout_s": 5.0},
             "limits": {"request_timeout_s": TIME_LIMIT_S, "retry_after_s": RETRY_AFTER_S},
             "use_default_system_prompt": False,
             "deployments": {

@@ -35,7 +35,8 @@ def cases(image_server):
     big_square = data_url(image_bytes((1600, 1600)))
     return {
         "unreachable": (with_images(f"http://127.0.0.1:{free_port()}/a.png"), PART, "could not fetch"),
-        "http-404": (with_images(image_server.url("status/404")), PART, "returned HTTP 404"),
+        # An HTTP status, like a connection error, is for the service's log only.
+        "http-404": (with_images(image_server.url("status/404")), PART, "could not fetch"),
         "too-many-redirects": (
             with_images(image_server.url("redirect/3/photo.png")),
             PART,
@@ -46,13 +47,13 @@ def cases(image_server):
         "unsupported-format": (
             with_images(data_url(image_bytes(fmt="TIFF"), "image/tiff")),
             PART,
-            "format TIFF is not supported",
+            "not an image in a format this service reads (PNG, JPEG, WEBP, GIF)",
         ),
         "over-the-byte-limit": (with_images(data_url(noise_png(700, 600))), PART, "1000000"),
         "over-the-pixel-limit": (
-            with_images(data_url(image_bytes((2100, 2000)))),
+            with_images(data_url(image_bytes((4200, 4100)))),
             PART,
-            "2100x2000 pixels; the limit is 4000000",
+            "4200x4100 pixels; the limit is 16777216",
         ),
         "bad-base64": (with_images("data:image/png;base64,%%%"), PART, "not valid base64"),
         "file-url": (with_images("file:///etc/hostname"), PART, "http://, https:// or data:"),

@@ -1,7 +1,7 @@
 """Imports go one way: the HTTP front and the stages share a vocabulary, and neither imports the other.
 
 `serve/` holds two things. The vocabulary (config, API schema, errors, the
-messages between stages, checkpoint files, chat template) is what every side
+messages between stages, checkpoint files, chat template, the byte-bounded LRU) is what every side
 uses, and imports neither side. The HTTP front (ingress, responses, grammar,
 sampling) and the stages (`deployments/`) each import the vocabulary and not
 each other; only the app builder and the CLI, which assemble the
@@ -27,6 +27,7 @@ VOCABULARY = (
     "serve.checkpoint",
     "serve.chat_template",
     "serve.demo_checkpoint",
+    "serve.byte_budget_lru",
 )
 ASSEMBLERS = ("serve.app", "serve.cli")
 

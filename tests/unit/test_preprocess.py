@@ -3,12 +3,15 @@ comes out is still mistral_common's own encoding of the conversation."""
 
 import asyncio
 import datetime as dt
+import threading
+import time
 
 import numpy as np
 import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from deployments.preprocess import ImagePreprocessor
+from deployments import preprocess as preprocess_module
+from deployments.preprocess import ImageLoader, ImagePreprocessor
 from serve.chat_template import ChatTemplate
 from serve.checkpoint import Checkpoint
 from serve.config import ImagesConfig
@@ -25,7 +28,11 @@ PICTURE_UNCOMPRESSED = image_bytes((100, 60), color=(255, 0, 0), compress_level=
 
 
 def image_part(data: bytes) -> dict:
-    return {"type": "image_url", "image_url": {"url": data_url(data)}}
+    return image_url_part(data_url(data))
+
+
+def image_url_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def turn(*parts: dict) -> dict:
@@ -120,3 +127,55 @@ def test_a_bad_image_is_a_400_naming_its_part_each_time(template):
             preprocess(conversation)
         assert caught.value.param == "messages[0].content[1].image_url"
         assert caught.value.code == "invalid_image"
+
+
+def test_when_one_image_fails_the_other_fetches_are_cancelled_and_free_their_slots(image_server):
+    limits = ImagesConfig(allow_private_networks=True, allowed_ports=[], max_concurrent_fetches=4)
+    slow = [image_server.url(f"slow/3?{i}") for i in range(3)]
+    messages = [
+        ChatMessage.model_validate(
+            turn(*(image_url_part(url) for url in [*slow, image_server.url("status/404")]))
+        )
+    ]
+
+    async def run():
+        loader = ImageLoader(limits)
+        started = time.monotonic()
+        with pytest.raises(BadRequest, match=r"messages\[0\]\.content\[3\]"):
+            await loader.load(messages)
+        # Every slot is free at once: no fetch of the failed request still holds one.
+        async with asyncio.timeout(0.1):
+            for _ in range(limits.max_concurrent_fetches):
+                await loader.fetch_slots.acquire()
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 2.0
+
+
+@pytest.mark.parametrize("decode_workers", [1, 3])
+def test_at_most_decode_workers_images_are_decoded_at_once(template, monkeypatch, decode_workers):
+    decoding = most_decoding = 0
+    count_lock = threading.Lock()
+    decode_upright = preprocess_module.decode_upright
+
+    def slow_decode(*args):
+        nonlocal decoding, most_decoding
+        with count_lock:
+            decoding += 1
+            most_decoding = max(most_decoding, decoding)
+        time.sleep(0.2)
+        with count_lock:
+            decoding -= 1
+        return decode_upright(*args)
+
+    monkeypatch.setattr(preprocess_module, "decode_upright", slow_decode)
+    preprocessor = ImagePreprocessor(template, ImagesConfig(decode_workers=decode_workers), cache_bytes=0)
+    conversations = [
+        [ChatMessage.model_validate(turn(image_part(image_bytes((20 + i, 20)))))] for i in range(6)
+    ]
+
+    async def run():
+        await asyncio.gather(*(preprocessor.preprocess(messages) for messages in conversations))
+
+    asyncio.run(run())
+    assert most_decoding == decode_workers

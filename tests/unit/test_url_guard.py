@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import re
+import socket
 
 import httpx
 import pytest
@@ -19,6 +22,7 @@ from deployments.image_loading import ImageError, decode_upright, fetch_url, loa
 from deployments.url_guard import RefusedUrl, checked_target
 from serve.config import ImagesConfig
 from tests.image_server import image_bytes
+from tests.ports import free_port
 
 PUBLIC = "93.184.216.34"
 NAMES = {
@@ -33,12 +37,15 @@ NAMES = {
     "a.cdn.test": [PUBLIC],
     "cdn.test": [PUBLIC],
     "evilcdn.test": [PUBLIC],
+    "vm.internal.test": ["10.1.2.3"],
+    "azure.test": ["168.63.129.16"],
+    "sitelocal.test": ["fec0::1"],
 }
 
 
 async def resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     if host not in NAMES:
-        raise RefusedUrl(f"cannot resolve {host!r}")
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     return [ipaddress.ip_address(address) for address in NAMES[host]]
 
 
@@ -82,6 +89,14 @@ REFUSED = [
     "http://0.0.0.0/a.png",
     "http://224.0.0.1/a.png",
     "http://255.255.255.255/a.png",
+    "http://[fec0::1]/a.png",
+    "http://[::ffff:0:808:808]/a.png",
+    "http://[::ffff:0:7f00:1]/a.png",
+    "http://168.63.129.16/a.png",
+    "http://[::ffff:168.63.129.16]/a.png",
+    "http://[64:ff9b::a83f:8110]/a.png",
+    "http://azure.test/a.png",
+    "http://sitelocal.test/a.png",
     "http://user:secret@public.test/a.png",
     "http://public.test@127.0.0.1/a.png",
     "http://127.0.0.1:80@public.test/a.png",
@@ -95,6 +110,8 @@ REFUSED = [
     "http://nat64.test/a.png",
     "http://no-such-host.test/a.png",
     "http://public.test:99999/a.png",
+    "http://public.test:8080/a.png",
+    "https://public.test:22/a.png",
     "ftp://public.test/a.png",
     "file:///etc/passwd",
     "gopher://public.test/",
@@ -122,6 +139,51 @@ def test_the_refusal_names_the_address_and_the_setting():
 
 
 @pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("fec0::1", "a site-local address (deprecated)"),
+        ("::ffff:0:808:808", "an IPv4-translated address (RFC 2765), never public"),
+        ("168.63.129.16", "Azure's host endpoint (WireServer)"),
+        (
+            "::ffff:168.63.129.16",
+            "an IPv4-mapped address of 168.63.129.16, Azure's host endpoint (WireServer)",
+        ),
+    ],
+)
+def test_addresses_that_look_public_but_are_not_are_refused(address, reason):
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(RefusedUrl, match=re.escape(f"is {reason}:")):
+        target(f"http://{host}/a.png")
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed_ports", "refused_port"),
+    [
+        ("http://public.test/a.png", None, None),
+        ("https://public.test/a.png", None, None),
+        ("http://public.test:443/a.png", None, None),
+        ("http://public.test:8080/a.png", None, 8080),
+        ("https://public.test:6379/a.png", None, 6379),
+        ("http://public.test/a.png", [8080], 80),
+        ("http://public.test:8080/a.png", [8080], None),
+        ("http://public.test:6379/a.png", [], None),
+    ],
+)
+def test_only_the_allowed_ports_are_fetched(url, allowed_ports, refused_port):
+    limits = ImagesConfig() if allowed_ports is None else ImagesConfig(allowed_ports=allowed_ports)
+    if refused_port is None:
+        assert target(url, limits).address == ipaddress.ip_address(PUBLIC)
+    else:
+        with pytest.raises(RefusedUrl, match=rf"port {refused_port} is not one .* \(images\.allowed_ports\)"):
+            target(url, limits)
+
+
+def test_the_config_refuses_a_port_out_of_range():
+    with pytest.raises(ValueError, match="not a TCP port"):
+        ImagesConfig(allowed_ports=[443, 0])
+
+
+@pytest.mark.parametrize(
     ("url", "expected"),
     [
         ("http://public.test/a.png", ("http://93.184.216.34/a.png", "public.test", None)),
@@ -137,12 +199,14 @@ def test_the_refusal_names_the_address_and_the_setting():
     ],
 )
 def test_a_public_target_is_fetched_from_the_address_that_was_checked(url, expected):
-    checked = target(url)
+    checked = target(url, ImagesConfig(allowed_ports=[80, 443, 8443]))
     assert (checked.url, checked.host_header, checked.sni_hostname) == expected
 
 
 def test_private_networks_are_an_opt_in():
-    checked = target("http://localhost:8080/a.png", ImagesConfig(allow_private_networks=True))
+    checked = target(
+        "http://localhost:8080/a.png", ImagesConfig(allow_private_networks=True, allowed_ports=[8080])
+    )
     assert checked.url == "http://127.0.0.1:8080/a.png"
     assert checked.host_header == "localhost:8080"
 
@@ -192,7 +256,8 @@ class FakeInternet(httpx.AsyncBaseTransport):
         finally:
             self.in_flight -= 1
         page = self.pages.get(request.url.path, httpx.Response(200, content=PNG))
-        return httpx.Response(page.status_code, headers=page.headers, content=page.content)
+        # A stream, as a real transport gives: the fetch reads the raw body.
+        return httpx.Response(page.status_code, headers=page.headers, stream=httpx.ByteStream(page.content))
 
 
 def fetch(url: str, internet: FakeInternet, resolver=resolve, limits: ImagesConfig | None = None) -> bytes:
@@ -219,7 +284,7 @@ def redirect(location: str) -> httpx.Response:
 )
 def test_every_redirect_hop_is_checked(location):
     internet = FakeInternet({"/hop": redirect(location)})
-    with pytest.raises(ImageError, match=r"only from public addresses|must be http"):
+    with pytest.raises(ImageError, match=r"only from public addresses|must be http|could not fetch"):
         fetch("http://public.test/hop", internet)
     assert [r.url.path for r in internet.requests] == ["/hop"]
 
@@ -246,10 +311,36 @@ def test_a_name_that_rebinds_after_the_check_is_still_fetched_from_the_checked_a
 
 def test_the_opted_in_local_image_server_still_works(image_server):
     url = image_server.add("photo.png", PNG, "image/png")
-    local = ImagesConfig(allow_private_networks=True)
+    local = ImagesConfig(allow_private_networks=True, allowed_ports=[])
     assert fetch(url, FakeInternet(), limits=local) == PNG
     with pytest.raises(ImageError, match="is a loopback address"):
-        fetch(url, FakeInternet())
+        fetch(url, FakeInternet(), limits=ImagesConfig(allowed_ports=[]))
+
+
+ANY_LOCAL_PORT = ImagesConfig(allow_private_networks=True, allowed_ports=[])
+
+
+@pytest.mark.parametrize(
+    ("url", "limits", "logged"),
+    [
+        ("http://vm.internal.test/a.png", ImagesConfig(), "vm.internal.test resolves to 10.1.2.3"),
+        ("http://mixed.test/a.png", ImagesConfig(), "mixed.test resolves to 10.0.0.1"),
+        ("http://no-such-host.test/a.png", ImagesConfig(), "cannot resolve 'no-such-host.test'"),
+        ("http://public.test/missing.png", ImagesConfig(), "HTTP 404"),
+        (f"http://127.0.0.1:{free_port()}/a.png", ANY_LOCAL_PORT, "ConnectError"),
+    ],
+)
+def test_what_only_the_network_knows_goes_to_the_log_not_to_the_client(caplog, url, limits, logged):
+    # What a name resolves to, whether a port answers, an HTTP status: told to the client,
+    # these would let it map the networks the service reaches.
+    internet = FakeInternet({"/missing.png": httpx.Response(404, content=b"no")})
+    with (
+        caplog.at_level(logging.INFO, logger="deployments.image_loading"),
+        pytest.raises(ImageError) as refused,
+    ):
+        fetch(url, internet, limits=limits)
+    assert str(refused.value) == f"could not fetch {url} (the service's log says why)"
+    assert logged in caplog.text
 
 
 def test_fetches_wait_for_a_slot_beyond_the_cap():
@@ -267,3 +358,16 @@ def test_fetches_wait_for_a_slot_beyond_the_cap():
 
     assert [decode_upright(data, ImagesConfig()).size for data in asyncio.run(run())] == [(8, 6)] * 6
     assert internet.most_in_flight == 2
+
+
+def test_the_wait_for_a_fetch_slot_counts_in_the_fetch_time_limit():
+    async def run():
+        slots = asyncio.Semaphore(1)
+        await slots.acquire()  # held by a fetch that never ends
+        async with httpx.AsyncClient(transport=FakeInternet()) as http, asyncio.timeout(2.0):
+            await load_image_bytes(
+                "http://public.test/a.png", ImagesConfig(fetch_timeout_s=0.2), http, resolve, slots
+            )
+
+    with pytest.raises(ImageError, match=r"longer than 0\.2 s"):
+        asyncio.run(run())

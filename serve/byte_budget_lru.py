@@ -1,5 +1,6 @@
 """An LRU mapping bounded by the bytes of its values: the encoder's cache of image-token
-embeddings and the preprocess stage's cache of preprocessed images."""
+embeddings, the preprocess stage's cache of preprocessed images and the ingress's cache of
+compiled grammars."""
 
 from __future__ import annotations
 
