@@ -480,6 +480,15 @@ class LimitsConfig(_Strict):
             "hold an image of images.max_image_bytes sent as a base64 data URL."
         ),
     )
+    max_json_values: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description=(
+            "Most JSON values (array elements and object members) in one request body, counted "
+            "before it is parsed as its commas, brackets and braces (those inside strings too): "
+            "parsing costs about 40 ms per million values, all of it holding the ingress's event loop."
+        ),
+    )
     max_messages: int = Field(default=1024, ge=1, description="Most messages in one chat request.")
     max_content_parts: int = Field(
         default=2048, ge=1, description="Most content parts (text and images) over all messages of a request."
@@ -504,6 +513,43 @@ class LimitsConfig(_Strict):
         ),
     )
     max_logit_bias: int = Field(default=300, ge=0, description="Most logit_bias entries (OpenAI's limit).")
+    default_max_tokens: int | None = Field(
+        default=16_384,
+        ge=1,
+        description=(
+            "Tokens a chat completion may generate per choice when the request sets neither "
+            "max_tokens nor max_completion_tokens (at most the rest of the context, and within "
+            "max_total_completion_tokens and max_logprob_entries). null: the rest of the context "
+            "(262,144 tokens on the published checkpoints). The reply's finish_reason is 'length' "
+            "when it stops there."
+        ),
+    )
+    max_total_completion_tokens: int = Field(
+        default=65_536,
+        ge=1,
+        description=(
+            "Most tokens one request may ask the engine to generate over all its choices "
+            "(n x max_tokens): what one request can cost the decoder."
+        ),
+    )
+    max_logprob_entries: int = Field(
+        default=131_072,
+        ge=1,
+        description=(
+            "Most log-probabilities one non-streaming reply may hold: every choice's tokens (and "
+            "with echo, its prompt tokens) x (top_logprobs + 1). About 80 bytes of JSON each; it "
+            "bounds the reply the ingress builds in memory. Streams are sent as they are made and "
+            "are not held to it."
+        ),
+    )
+    grammar_cache_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description=(
+            "Byte budget of each ingress replica's cache of compiled grammars (tools and "
+            "response_format, by a hash of what they were compiled from). 0 disables it."
+        ),
+    )
     request_timeout_s: float = Field(
         default=600.0,
         gt=0,
@@ -515,6 +561,15 @@ class LimitsConfig(_Strict):
     retry_after_s: int = Field(
         default=1, ge=0, description="The Retry-After (seconds) sent with a 429 when a stage's queue is full."
     )
+
+    @model_validator(mode="after")
+    def _every_choice_gets_a_token(self) -> LimitsConfig:
+        if self.max_total_completion_tokens < self.max_choices:
+            raise ValueError(
+                f"limits.max_total_completion_tokens ({self.max_total_completion_tokens}) must be at "
+                f"least limits.max_choices ({self.max_choices}): each choice needs a token"
+            )
+        return self
 
 
 class AuthConfig(_Strict):

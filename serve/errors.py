@@ -9,6 +9,12 @@ past its time limit 504; anything else is logged once and becomes 500.
 from __future__ import annotations
 
 
+def echoed(text: str, limit: int = 80) -> str:
+    """Client input quoted back in a message or a log line, cut to `limit` characters: a
+    1 MB model name is not worth a 1 MB answer."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
+
+
 class APIError(Exception):
     status_code = 500
     error_type = "internal_error"
@@ -36,7 +42,7 @@ class ModelNotFound(APIError):
 
     def __init__(self, model: str, available: list[str]):
         super().__init__(
-            f"The model {model!r} does not exist; this service serves {available}",
+            f"The model {echoed(model)!r} does not exist; this service serves {available}",
             param="model",
             code="model_not_found",
         )

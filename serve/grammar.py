@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import re
-from collections import OrderedDict
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
+from serve.byte_budget_lru import ByteBudgetLru
 from serve.errors import BadRequest
 from serve.protocol.chat import ChatCompletionRequest, NamedToolChoice, ToolDefinition
 
@@ -149,35 +151,53 @@ class GrammarBuilder:
 _GRAMMAR_FIELDS = {"tools", "tool_choice", "response_format", "parallel_tool_calls"}
 
 
-class CompiledGrammars:
-    """`GrammarBuilder.for_chat` off the event loop, its outcomes (grammar or refusal) cached by input."""
+@dataclass(frozen=True)
+class _Refusal:
+    """A cached refusal: its words only. The exception itself would keep, through its traceback's
+    frames, the request it refused (megabytes of tools)."""
 
-    def __init__(self, builder: GrammarBuilder, executor: Executor, max_entries: int = 256):
+    message: str
+    param: str | None
+    code: str | None
+
+
+class CompiledGrammars:
+    """`GrammarBuilder.for_chat` off the event loop, its outcomes (grammar or refusal) cached by a
+    hash of their input within a byte budget: the input (tools with their descriptions) may be
+    megabytes, and a cache bounded by entries could hold gigabytes."""
+
+    def __init__(self, builder: GrammarBuilder, executor: Executor, max_bytes: int):
         self._builder = builder
         self._executor = executor
-        self._max_entries = max_entries
-        self._outcomes: OrderedDict[str, str | BadRequest | None] = OrderedDict()
+        self._outcomes: ByteBudgetLru[str | _Refusal] = ByteBudgetLru(max_bytes, size_of=_outcome_bytes)
 
     async def for_chat(self, request: ChatCompletionRequest) -> str | None:
         response_format = request.response_format
         if not request.tools and (response_format is None or response_format.type == "text"):
             return None
-        key = request.model_dump_json(include=_GRAMMAR_FIELDS)
-        if key in self._outcomes:
-            self._outcomes.move_to_end(key)
-            outcome = self._outcomes[key]
-        else:
+        key = hashlib.blake2b(
+            request.model_dump_json(include=_GRAMMAR_FIELDS).encode(), digest_size=16
+        ).hexdigest()
+        outcome = self._outcomes.get(key)
+        if outcome is None:
             outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._compile, request)
-            self._outcomes[key] = outcome
-            if len(self._outcomes) > self._max_entries:
-                self._outcomes.popitem(last=False)
-        if isinstance(outcome, BadRequest):
-            # A new exception each time: a cached one would grow its traceback on every raise.
+            if outcome is not None:
+                self._outcomes.put(key, outcome)
+        if isinstance(outcome, _Refusal):
             raise BadRequest(outcome.message, param=outcome.param, code=outcome.code)
         return outcome
 
-    def _compile(self, request: ChatCompletionRequest) -> str | BadRequest | None:
+    def _compile(self, request: ChatCompletionRequest) -> str | _Refusal | None:
         try:
             return self._builder.for_chat(request)
         except BadRequest as refused:
-            return refused
+            return _Refusal(refused.message, refused.param, refused.code)
+
+
+# What an entry costs besides its text: the key, the entry and the objects around the text.
+_ENTRY_OVERHEAD_BYTES = 256
+
+
+def _outcome_bytes(outcome: str | _Refusal) -> int:
+    text = outcome.message if isinstance(outcome, _Refusal) else outcome
+    return len(text.encode()) + _ENTRY_OVERHEAD_BYTES

@@ -17,6 +17,7 @@ decoder lost mid-request ends the request with a 503 or an error event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,11 +39,18 @@ from serve.chat import ChatOutput, sse
 from serve.chat_template import ChatTemplate, image_positions
 from serve.checkpoint import open_checkpoint, reasoning_enabled
 from serve.completions import CompletionOutput
-from serve.config import AppConfig
-from serve.errors import APIError, BadRequest, ModelNotFound, ServiceUnavailable, TooManyRequests
+from serve.config import AppConfig, LimitsConfig
+from serve.errors import (
+    APIError,
+    BadRequest,
+    ModelNotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+    echoed,
+)
 from serve.grammar import CompiledGrammars, GrammarBuilder
 from serve.health import stage_states
-from serve.limits import check_limits, read_body
+from serve.limits import check_collection_sizes, check_json_values, check_limits, read_body
 from serve.messages import (
     DecodeChunk,
     DecodeRequest,
@@ -75,7 +84,7 @@ from serve.request_metrics import (
     mark_error,
     received_at,
 )
-from serve.sampling import check_token_ids, completion_budget, sampling_settings
+from serve.sampling import ResponseShape, check_token_ids, completion_budget, sampling_settings
 from serve.streams import started, until_deadline
 
 logger = logging.getLogger(__name__)
@@ -88,9 +97,17 @@ app.add_middleware(RequestMetricsMiddleware)
 # OpenAI's legacy completions default.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
-# Characters of text above which tokenisation leaves the event loop: below,
-# the thread hop costs more than the tokeniser.
+# Characters of text (or token ids) above which the tokeniser runs off the event loop:
+# below, the thread hop costs more than the tokeniser.
 TOKENIZE_INLINE_CHARS = 16_384
+
+# Request bodies above this size are parsed off the event loop (about 4 ms of decoding
+# per MiB): a 28 MiB list of token ids held every stream of the replica for 2 s.
+PARSE_INLINE_BYTES = 1024 * 1024
+
+# How long /health reuses Serve's view of the stages: each fresh look is a call to Serve's
+# controller, and /health answers anyone, without a key.
+HEALTH_CACHE_S = 1.0
 
 # Tries of an idempotent stage (preprocess, encoder) whose replica was lost.
 STAGE_ATTEMPTS = 2
@@ -123,8 +140,8 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     message = {
-        404: f"{request.method} {request.url.path} is not an endpoint of this service",
-        405: f"{request.method} is not allowed on {request.url.path}",
+        404: f"{echoed(request.method)} {echoed(request.url.path)} is not an endpoint of this service",
+        405: f"{echoed(request.method)} is not allowed on {echoed(request.url.path)}",
     }.get(error.status_code, str(error.detail))
     mark_error(request.scope, str(error.status_code))
     return JSONResponse(
@@ -142,18 +159,31 @@ Body = TypeVar("Body", bound=BaseModel)
 Reply = TypeVar("Reply")
 
 
-def parse_body(raw: bytes, schema: type[Body] = ChatCompletionRequest) -> Body:
-    """Decode and validate a request body, naming the offending field on failure."""
+def parse_body(
+    raw: bytes,
+    schema: type[Body] = ChatCompletionRequest,
+    limits: LimitsConfig | None = None,
+    max_model_len: int | None = None,
+) -> Body:
+    """Decode and validate a request body, naming the offending field on failure.
+
+    Types are OpenAI's, strictly: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not a
+    coercion. With `limits`, collections past their limit are refused before validation,
+    which would otherwise build an object for each of their millions of elements."""
+    if limits is not None:
+        check_json_values(raw, limits, max_model_len)
     try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
+        payload = msgspec.json.decode(raw)
     except RecursionError as e:
         raise BadRequest("request body is nested too deeply to parse", code="limit_exceeded") from e
+    except msgspec.MsgspecError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from e
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object")
+    if limits is not None:
+        check_collection_sizes(payload, limits, max_model_len)
     try:
-        return schema.model_validate(payload)
+        return schema.model_validate(payload, strict=True)
     except ValidationError as e:
         # Of a union's failed alternatives, the one that got furthest names the real problem.
         param, message = max(map(_field_and_message, e.errors()), key=lambda error: len(error[0] or ""))
@@ -265,12 +295,17 @@ class Ingress:
         # that one pathological request does not stall every other stream here.
         self._cpu_work = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingress-cpu")
         self._grammars = CompiledGrammars(
-            GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning), self._cpu_work
+            GrammarBuilder(self._template.tokenizer, reasoning=self._reasoning),
+            self._cpu_work,
+            config.limits.grammar_cache_bytes,
         )
         self._model_name = config.model.name
         self._created = int(time.time())
         self._engine_info: EngineInfo | None = None
         self._engine_info_asked = asyncio.Lock()
+        self._stage_states_asked = asyncio.Lock()
+        self._stage_states_seen: dict[str, str] = {}
+        self._stage_states_at = -float("inf")
         self._metrics = RequestMetricsMiddleware.metrics = RequestMetrics(self._model_name)
         ApiKeyMiddleware.keys = api_keys(key.get_secret_value() for key in config.auth.api_keys)
         if ApiKeyMiddleware.keys:
@@ -293,21 +328,32 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """200 while every stage has a running replica (serve.health); 503 naming those that do not."""
+        states = await self._stage_states()
+        healthy = all(state == "ok" for state in states.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", "stages": states},
+            status_code=200 if healthy else 503,
+        )
+
+    async def _stage_states(self) -> dict[str, str]:
+        """Serve's view of the stages, at most HEALTH_CACHE_S old; one look at a time."""
+        async with self._stage_states_asked:
+            if time.monotonic() - self._stage_states_at > HEALTH_CACHE_S:
+                self._stage_states_seen = await self._look_at_stages()
+                self._stage_states_at = time.monotonic()
+        return self._stage_states_seen
+
+    async def _look_at_stages(self) -> dict[str, str]:
         stages = {"decoder": self._decoder, "preprocess": self._preprocess, "encoder": self._encoder}
         deployments = {name: handle.deployment_name for name, handle in stages.items() if handle is not None}
         status = await asyncio.to_thread(serve.status)
         application = status.applications.get(serve.get_replica_context().app_name)
         found = application.deployments if application is not None else {}
-        states = stage_states(
+        return stage_states(
             {
                 stage: found[name].replica_states if name in found else None
                 for stage, name in deployments.items()
             }
-        )
-        healthy = all(state == "ok" for state in states.values())
-        return JSONResponse(
-            {"status": "ok" if healthy else "unhealthy", "stages": states},
-            status_code=200 if healthy else 503,
         )
 
     @app.get("/v1/models")
@@ -326,6 +372,13 @@ class Ingress:
             len(prompt.prompt_token_ids),
             request.completion_token_limit,
             info,
+            self._config.limits,
+            ResponseShape(
+                choices=request.n,
+                logprobs_per_token=(request.top_logprobs or 0) + 1
+                if request.logprobs and not request.stream
+                else 0,
+            ),
             field=request.completion_token_field,
         )
         decode = DecodeRequest(
@@ -359,12 +412,27 @@ class Ingress:
         info = await self._info()
         if isinstance(request.prompt, str):
             prompt_text = request.prompt
-            prompt_ids = await self._tokenized(len(prompt_text), self._template.encode_text, prompt_text)
+            prompt_ids = await self._tokenizer_call(len(prompt_text), self._template.encode_text, prompt_text)
         else:
-            check_token_ids(request.prompt, info, "prompt")
-            prompt_ids, prompt_text = request.prompt, self._template.decode(request.prompt)
+            prompt_ids, prompt_text = request.prompt, None
         requested = request.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-        max_tokens = completion_budget(len(prompt_ids), requested, info)
+        held_logprobs = request.logprobs is not None and not request.stream
+        max_tokens = completion_budget(
+            len(prompt_ids),
+            requested,
+            info,
+            self._config.limits,
+            ResponseShape(
+                choices=request.n,
+                logprobs_per_token=request.logprobs + 1 if held_logprobs else 0,
+                echoed_prompt_tokens=len(prompt_ids) if request.echo else 0,
+            ),
+            prompt_field="prompt",
+        )
+        if prompt_text is None:
+            # Checked and decoded once the prompt is known to fit the context.
+            check_token_ids(request.prompt, info, "prompt")
+            prompt_text = await self._tokenizer_call(len(prompt_ids), self._template.decode, prompt_ids)
         decode = DecodeRequest(
             request_id=new_completion_id(),
             prompt_token_ids=prompt_ids,
@@ -384,11 +452,10 @@ class Ingress:
 
     @app.post("/tokenize")
     async def tokenize(self, http_request: Request) -> TokenizeResponse:
-        request = parse_body(await self._body(http_request), TokenizeRequest)
-        self._check_model(request.model)
+        request = await self._parsed_body(http_request, TokenizeRequest)
         info = await self._info()
         if request.prompt is not None:
-            tokens = await self._tokenized(
+            tokens = await self._tokenizer_call(
                 len(request.prompt),
                 self._template.encode_text,
                 request.prompt,
@@ -396,17 +463,27 @@ class Ingress:
             )
         else:
             tokens = (await self._preprocessed(request.messages))[0].prompt_token_ids
-        pieces = [self._template.decode([token]) for token in tokens] if request.return_token_strs else None
+        if len(tokens) > info.max_model_len:
+            field = "prompt" if request.prompt is not None else "messages"
+            raise BadRequest(
+                f"{field}: {len(tokens)} tokens, but this model's maximum context length is "
+                f"{info.max_model_len} tokens",
+                param=field,
+                code="context_length_exceeded",
+            )
+        pieces = None
+        if request.return_token_strs:
+            pieces = await self._tokenizer_call(len(tokens), self._template.decode_each, tokens)
         return TokenizeResponse(
             count=len(tokens), max_model_len=info.max_model_len, tokens=tokens, token_strs=pieces
         )
 
     @app.post("/detokenize")
     async def detokenize(self, http_request: Request) -> DetokenizeResponse:
-        request = parse_body(await self._body(http_request), DetokenizeRequest)
-        self._check_model(request.model)
+        request = await self._parsed_body(http_request, DetokenizeRequest)
         check_token_ids(request.tokens, await self._info(), "tokens")
-        return DetokenizeResponse(prompt=self._template.decode(request.tokens))
+        text = await self._tokenizer_call(len(request.tokens), self._template.decode, request.tokens)
+        return DetokenizeResponse(prompt=text)
 
     @app.api_route("/v1/{operation:path}", methods=["GET", "POST"])
     async def unservable(self, operation: str, http_request: Request) -> Response:
@@ -430,8 +507,7 @@ class Ingress:
         )
 
     async def _parse(self, http_request: Request, schema: type[SamplingFields]) -> SamplingFields:
-        request = parse_body(await self._body(http_request), schema)
-        self._check_model(request.model)
+        request = await self._parsed_body(http_request, schema)
         if unsupported := request.unsupported_fields():
             raise BadRequest(
                 f"{unsupported[0]}: this field is not supported by this service",
@@ -439,14 +515,29 @@ class Ingress:
             )
         check_limits(request, self._config.limits)
         if unknown := request.unknown_fields():
-            logger.info("ignoring unknown request fields %s", unknown)
+            logger.info("ignoring %d unknown request fields: %s", len(unknown), echoed(", ".join(unknown)))
         return request
 
-    async def _tokenized(self, chars: int, encode: Callable[..., list[int]], *args, **kwargs) -> list[int]:
-        if chars <= TOKENIZE_INLINE_CHARS:
-            return encode(*args, **kwargs)
+    async def _parsed_body(self, http_request: Request, schema: type[Body]) -> Body:
+        """The body, read within limits.max_request_bytes, parsed and validated (a large one off the
+        event loop), for the model this service serves."""
+        raw = await self._body(http_request)
+        parse = functools.partial(
+            parse_body, raw, schema, self._config.limits, (await self._info()).max_model_len
+        )
+        if len(raw) <= PARSE_INLINE_BYTES:
+            request = parse()
+        else:
+            request = await asyncio.get_running_loop().run_in_executor(self._cpu_work, parse)
+        self._check_model(request.model)
+        return request
+
+    async def _tokenizer_call(self, size: int, call: Callable[..., Reply], *args, **kwargs) -> Reply:
+        """`call` (tokenising `size` characters or decoding `size` tokens), off the event loop when large."""
+        if size <= TOKENIZE_INLINE_CHARS:
+            return call(*args, **kwargs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._cpu_work, lambda: encode(*args, **kwargs))
+        return await loop.run_in_executor(self._cpu_work, lambda: call(*args, **kwargs))
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self._model_name:
@@ -521,7 +612,7 @@ class Ingress:
         the object store, not through this replica."""
         num_images = len(image_positions(messages))
         if not num_images:
-            tokenized = await self._tokenized(
+            tokenized = await self._tokenizer_call(
                 _text_chars(messages), self._template.encode_chat, messages, tools=tools
             )
             return PreprocessedRequest(prompt_token_ids=tokenized.prompt_token_ids), None

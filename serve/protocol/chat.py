@@ -73,6 +73,10 @@ class ChatMessage(OpenAIBaseModel):
 
     @model_validator(mode="after")
     def _fields_of_the_role(self) -> ChatMessage:
+        # As OpenAI's API: only an assistant message that calls tools may go without content.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            needs = "content or tool_calls" if self.role == "assistant" else "content"
+            raise FieldError("content", f"{self.role} messages need {needs} (a string or a list of parts)")
         if self.role == "tool" and not self.tool_call_id:
             raise FieldError("tool_call_id", "tool messages need the id of the call they answer")
         if self.role != "assistant" and self.tool_calls:

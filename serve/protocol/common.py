@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve.errors import echoed
 
 
 class OpenAIBaseModel(BaseModel):
@@ -41,6 +44,11 @@ def error_param(location: tuple[str | int, ...]) -> str | None:
         else:
             param += f".{part}" if param else part
     return param or None
+
+
+# A token id as a logit_bias key: ids are below 2**31. str.isdigit would pass "²" and a
+# 5,000-digit number, which int() then refuses.
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -84,8 +92,8 @@ class SamplingFields(OpenAIBaseModel):
     @classmethod
     def _token_ids_as_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids (digit strings), got {key!r}")
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ValueError(f"keys must be token ids (up to 10 ASCII digits), got {echoed(key, 24)!r}")
         return bias
 
     @model_validator(mode="after")

@@ -92,8 +92,6 @@ def service(ray_cluster, demo_checkpoint) -> Service:
                 "fetch_timeout_s": 3.0,
                 "max_redirects": 2,
             },
-            # Room for an image of max_image_bytes as a data URL; small enough for a test to pass it.
-            "limits": {"max_request_bytes": 4 * 1024 * 1024},
             "system_prompt_date": SYSTEM_PROMPT_DATE.isoformat(),
             "deployments": {
                 "ingress": {"num_cpus": 0},

@@ -38,6 +38,11 @@ def tool_with(parameters) -> dict:
     return {"type": "function", "function": {"name": "f", "parameters": parameters}}
 
 
+# 5,000,000 five-digit token ids: 28.6 MiB bodies, within limits.max_request_bytes.
+FIVE_MILLION_TOKEN_IDS = ",".join(str(10_000 + i % 90_000) for i in range(5_000_000))
+FIVE_MILLION_TOKENS = f'{{"model": "demo", "tokens": [{FIVE_MILLION_TOKEN_IDS}]}}'.encode()
+FIVE_MILLION_TOKENS_PROMPT = f'{{"model": "demo", "prompt": [{FIVE_MILLION_TOKEN_IDS}]}}'.encode()
+
 # (name, method, path, body: dict | bytes | None, expected status)
 CORPUS = [
     ("empty body", "POST", "/v1/chat/completions", b"", 400),
@@ -46,7 +51,7 @@ CORPUS = [
     ("a JSON string", "POST", "/v1/chat/completions", b'"hello"', 400),
     ("invalid UTF-8", "POST", "/v1/chat/completions", b'{"model": "\xff\xfe"}', 400),
     ("nested past the parser", "POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400),
-    ("a body over the limit", "POST", "/v1/chat/completions", b" " * (5 * 1024 * 1024), 413),
+    ("a body over the limit", "POST", "/v1/chat/completions", b" " * (33 * 1024 * 1024), 413),
     ("no messages", "POST", "/v1/chat/completions", {"model": "demo"}, 400),
     ("messages not a list", "POST", "/v1/chat/completions", chat(messages="hi"), 400),
     ("no message at all", "POST", "/v1/chat/completions", chat(messages=[]), 400),
@@ -290,6 +295,51 @@ CORPUS = [
         400,
     ),
     ("a model not served", "POST", "/v1/chat/completions", chat(model="gpt-4o"), 404),
+    ("a model name of a megabyte", "POST", "/v1/chat/completions", chat(model="m" * 1_000_000), 404),
+    ("stream as a string", "POST", "/v1/chat/completions", chat(stream="yes"), 400),
+    ("max_tokens as a string", "POST", "/v1/chat/completions", chat(max_tokens="5"), 400),
+    (
+        "a user message of null content",
+        "POST",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": None}]),
+        400,
+    ),
+    (
+        "a user message without content",
+        "POST",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user"}]),
+        400,
+    ),
+    (
+        "a logit_bias key of a superscript two",
+        "POST",
+        "/v1/chat/completions",
+        chat(logit_bias={"\u00b2": 1}),
+        400,
+    ),
+    (
+        "a logit_bias key of 5,000 digits",
+        "POST",
+        "/v1/chat/completions",
+        chat(logit_bias={"9" * 5000: 1}),
+        400,
+    ),
+    (
+        "a seed of 5,000 digits",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(chat()).encode()[:-1] + b', "seed": ' + b"9" * 5000 + b"}",
+        400,
+    ),
+    (
+        "sixteen choices of 1,000 tokens with 20 log-probabilities each",
+        "POST",
+        "/v1/chat/completions",
+        chat(n=16, max_tokens=1000, logprobs=True, top_logprobs=20),
+        400,
+    ),
     (
         "completions of token ids past the vocabulary",
         "POST",
@@ -298,6 +348,15 @@ CORPUS = [
         400,
     ),
     ("completions of an empty prompt", "POST", "/v1/completions", {"model": "demo", "prompt": ""}, 400),
+    ("completions of 5,000,000 token ids", "POST", "/v1/completions", FIVE_MILLION_TOKENS_PROMPT, 400),
+    ("detokenize of 5,000,000 token ids", "POST", "/detokenize", FIVE_MILLION_TOKENS, 400),
+    (
+        "tokenize past the context with each token's text",
+        "POST",
+        "/tokenize",
+        {"model": "demo", "prompt": "word " * 5000, "return_token_strs": True},
+        400,
+    ),
     (
         "completions with a suffix",
         "POST",
@@ -338,6 +397,13 @@ def test_every_malformed_request_is_a_4xx_with_a_message_and_no_replica_restarts
         if answers[name].status_code != status
     }
     assert not wrong, wrong
+    assert len(answers["a model name of a megabyte"].content) < 1000, "the model name was echoed whole"
+    for field, name in [
+        ("tokens", "detokenize of 5,000,000 token ids"),
+        ("prompt", "completions of 5,000,000 token ids"),
+    ]:
+        assert answers[name].json()["error"]["param"] == field
+        assert answers[name].json()["error"]["code"] == "context_length_exceeded"
     for name, response in answers.items():
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, name
@@ -351,7 +417,7 @@ def test_every_malformed_request_is_a_4xx_with_a_message_and_no_replica_restarts
     )
 
 
-@pytest.mark.parametrize("declared", ["5000000", "99999999999"])
+@pytest.mark.parametrize("declared", ["50000000", "99999999999"])
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(service, declared):
     """The 413 arrives while the client still holds almost all of the body."""
     import socket

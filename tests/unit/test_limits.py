@@ -1,6 +1,8 @@
 """Request limits: each refusal names the field and the setting; the defaults agree with each other."""
 
 import asyncio
+import contextlib
+import gc
 import json
 import threading
 import time
@@ -13,7 +15,7 @@ from serve.errors import BadRequest, RequestTooLarge
 from serve.grammar import CompiledGrammars
 from serve.ingress import parse_body
 from serve.limits import check_limits, nesting_depth, read_body
-from serve.protocol.completions import CompletionRequest
+from serve.protocol.completions import CompletionRequest, DetokenizeRequest
 
 LIMITS = LimitsConfig(
     max_messages=4,
@@ -72,7 +74,7 @@ def chat(**fields) -> bytes:
 )
 def test_a_request_past_a_limit_is_refused_naming_field_and_setting(raw, param, setting):
     with pytest.raises(BadRequest) as caught:
-        check_limits(parse_body(raw), LIMITS)
+        check_limits(parse_body(raw, limits=LIMITS), LIMITS)
     assert caught.value.param == param
     assert caught.value.code == "limit_exceeded"
     assert caught.value.message.startswith(param)
@@ -87,7 +89,7 @@ def test_a_request_at_every_limit_passes():
         tools=[tool("a", nested(4)), tool("b")],
         logit_bias={"1": 1, "2": -1},
     )
-    check_limits(parse_body(at_the_limits), LIMITS)
+    check_limits(parse_body(at_the_limits, limits=LIMITS, max_model_len=100), LIMITS)
 
 
 def test_completions_are_held_to_the_shared_limits():
@@ -176,11 +178,17 @@ class CountingBuilder:
         return f"grammar of {request.tools[0].function.name}"
 
 
+# Room for two of CountingBuilder's grammars ("grammar of a") and their entries, not three.
+TWO_GRAMMARS = 2 * (len("grammar of a") + 256) + 1
+
+
 def test_grammars_compile_off_the_event_loop_once_per_input():
     from concurrent.futures import ThreadPoolExecutor
 
     builder = CountingBuilder()
-    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1, thread_name_prefix="grammar"), max_entries=2)
+    grammars = CompiledGrammars(
+        builder, ThreadPoolExecutor(1, thread_name_prefix="grammar"), max_bytes=TWO_GRAMMARS
+    )
 
     async def run():
         first = await grammars.for_chat(parse_body(chat(tools=[tool("a")])))
@@ -197,7 +205,7 @@ def test_a_refused_schema_is_refused_again_from_the_cache():
     from concurrent.futures import ThreadPoolExecutor
 
     builder = CountingBuilder()
-    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_entries=2)
+    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_bytes=TWO_GRAMMARS)
     for _ in range(3):
         with pytest.raises(BadRequest) as caught:
             asyncio.run(grammars.for_chat(parse_body(chat(tools=[tool("bad")]))))
@@ -209,7 +217,7 @@ def test_the_cache_keeps_only_its_newest_entries():
     from concurrent.futures import ThreadPoolExecutor
 
     builder = CountingBuilder()
-    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_entries=2)
+    grammars = CompiledGrammars(builder, ThreadPoolExecutor(1), max_bytes=TWO_GRAMMARS)
 
     async def run(names):
         for name in names:
@@ -219,10 +227,55 @@ def test_the_cache_keeps_only_its_newest_entries():
     assert len(builder.calls) == 4, "a was evicted by c and compiled again"
 
 
+def described_tool(name: str, description_chars: int) -> dict:
+    return {"type": "function", "function": {"name": name, "description": "x" * description_chars}}
+
+
+def test_the_cache_does_not_keep_what_a_grammar_was_compiled_from():
+    """Four requests whose tools carry 4 MB descriptions, two of them refused: the cache keeps
+    their grammars and refusals, not the requests (it once kept each request's tools as its key,
+    and each refusal's traceback, whose frames held the request)."""
+    import tracemalloc
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammars = CompiledGrammars(CountingBuilder(), ThreadPoolExecutor(1), max_bytes=1024**2)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for serial, name in enumerate(["a", "bad", "b", "bad"]):
+            request = parse_body(chat(tools=[described_tool(name, 4_000_000 + serial)]))
+            with contextlib.suppress(BadRequest):
+                asyncio.run(grammars.for_chat(request))
+            del request
+        # A raised error and its traceback's frames form cycles, freed by the collector.
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1024**2, f"the cache kept {kept} bytes"
+
+
+def test_collections_past_their_limit_are_refused_before_validation():
+    tokens = json.dumps({"tokens": list(range(5000))}).encode()
+    with pytest.raises(BadRequest) as caught:
+        parse_body(tokens, DetokenizeRequest, LIMITS, max_model_len=4096)
+    assert caught.value.param == "tokens"
+    assert caught.value.code == "context_length_exceeded"
+    assert "5000 tokens" in caught.value.message
+    prompt = json.dumps({"model": "m", "prompt": list(range(5000))}).encode()
+    with pytest.raises(BadRequest) as caught:
+        parse_body(prompt, CompletionRequest, LIMITS, max_model_len=4096)
+    assert caught.value.param == "prompt"
+    parts = chat(messages=[{"role": "user", "content": [TEXT_PART] * 100_000}])
+    with pytest.raises(BadRequest) as caught:
+        parse_body(parts, limits=LIMITS, max_model_len=4096)
+    assert "limits.max_content_parts" in caught.value.message
+
+
 def test_a_slow_compilation_does_not_stall_the_event_loop():
     from concurrent.futures import ThreadPoolExecutor
 
-    grammars = CompiledGrammars(CountingBuilder(seconds=0.5), ThreadPoolExecutor(1), max_entries=2)
+    grammars = CompiledGrammars(CountingBuilder(seconds=0.5), ThreadPoolExecutor(1), max_bytes=TWO_GRAMMARS)
 
     async def run():
         ticks = 0
@@ -239,3 +292,29 @@ def test_a_slow_compilation_does_not_stall_the_event_loop():
         return ticks
 
     assert asyncio.run(run()) >= 20
+
+
+def test_a_body_of_too_many_json_values_is_refused_before_it_is_parsed(monkeypatch):
+    import msgspec
+
+    decode = msgspec.json.decode
+
+    def only_skimming(raw, **options):
+        """msgspec's decoder, allowed only to skim the body into raw values, not to build them."""
+        assert "type" in options, "the body was parsed"
+        return decode(raw, **options)
+
+    monkeypatch.setattr(msgspec.json, "decode", only_skimming)
+    tokens = ("[" + ",".join(["12345"] * 5_000_000) + "]").encode()
+    with pytest.raises(BadRequest) as caught:
+        parse_body(b'{"model": "m", "tokens": ' + tokens + b"}", DetokenizeRequest, LimitsConfig(), 262_144)
+    assert caught.value.param == "tokens"
+    assert caught.value.code == "context_length_exceeded"
+    assert "5000000 tokens" in caught.value.message
+    with pytest.raises(BadRequest) as caught:
+        parse_body(chat(metadata=[[]] * 1_100_000), limits=LimitsConfig(), max_model_len=262_144)
+    assert "limits.max_json_values" in caught.value.message
+    monkeypatch.undo()
+    # A long text is one value however long it is.
+    long_text = chat(messages=[{"role": "user", "content": "x" * 3_000_000}])
+    assert parse_body(long_text, limits=LimitsConfig(), max_model_len=262_144).messages[0].content

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from serve.config import LimitsConfig
 from serve.errors import BadRequest
 from serve.ingress import parse_body
 from serve.messages import EngineInfo
-from serve.sampling import completion_budget
+from serve.sampling import ResponseShape, completion_budget
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
@@ -43,6 +44,24 @@ def body(**fields) -> bytes:
         (body(stop=""), "stop"),
         (body(seed="x"), "seed"),
         (body(stream="yes please"), "stream"),
+        # OpenAI's types, strictly: no coercion of strings, floats or numbers into other types.
+        (body(stream="true"), "stream"),
+        (body(stream=1), "stream"),
+        (body(max_tokens="5"), "max_tokens"),
+        (body(max_tokens=5.0), "max_tokens"),
+        (body(temperature="0.5"), "temperature"),
+        (body(n=True), "n"),
+        (body(logprobs="yes"), "logprobs"),
+        (body(messages=[{"role": "user", "content": None}]), "messages[0].content"),
+        (body(messages=[{"role": "user"}]), "messages[0].content"),
+        (
+            body(messages=[{"role": "system", "content": None}, {"role": "user", "content": "hi"}]),
+            "messages[0].content",
+        ),
+        (body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}]), "messages[1].content"),
+        (body(logit_bias={"\u00b2": 3}), "logit_bias"),
+        (body(logit_bias={"\u0661": 3}), "logit_bias"),
+        (body(logit_bias={"1" * 5000: 3}), "logit_bias"),
         (body(stream_options={"include_usage": True}), "stream_options"),
         (body(n=0), "n"),
         (body(logit_bias={"hello": 3}), "logit_bias"),
@@ -109,21 +128,107 @@ def test_stop_and_token_limit_accessors():
 
 
 INFO = EngineInfo(max_model_len=100, vocab_size=131072, system_fingerprint="fp_test")
+UNBOUNDED = LimitsConfig(default_max_tokens=None)
+
+
+def test_a_big_integer_or_odd_digit_key_is_a_400_naming_the_field_not_a_crash():
+    with pytest.raises(BadRequest) as caught:
+        parse_body(
+            b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000 + b"}"
+        )
+    assert caught.value.status_code == 400
+    with pytest.raises(BadRequest) as caught:
+        parse_body(body(logit_bias={"1" * 5000: 3}))
+    assert len(caught.value.message) < 200, "the key is not echoed whole"
+
+
+def test_an_assistant_message_calling_tools_needs_no_content():
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    request = parse_body(
+        body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}])
+    )
+    assert request.messages[1].content is None
+
+
+def test_an_integer_for_a_float_field_is_accepted_as_openai_does():
+    assert parse_body(body(temperature=1)).temperature == 1.0
 
 
 def test_budget_defaults_to_the_rest_of_the_context():
-    assert completion_budget(30, None, INFO) == 70
+    assert completion_budget(30, None, INFO, UNBOUNDED) == 70
 
 
 def test_budget_over_the_context_is_refused_with_the_numbers():
     with pytest.raises(BadRequest) as caught:
-        completion_budget(30, 80, INFO)
+        completion_budget(30, 80, INFO, UNBOUNDED)
     assert caught.value.param == "max_tokens"
     assert "110" in caught.value.message and "100" in caught.value.message
 
 
 def test_prompt_filling_the_context_is_refused():
     with pytest.raises(BadRequest) as caught:
-        completion_budget(100, None, INFO)
+        completion_budget(100, None, INFO, UNBOUNDED)
     assert caught.value.param == "messages"
     assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(BadRequest) as caught:
+        completion_budget(100, 16, INFO, UNBOUNDED, prompt_field="prompt")
+    assert caught.value.param == "prompt"
+
+
+LONG_CONTEXT = EngineInfo(max_model_len=262_144, vocab_size=131072, system_fingerprint="fp_test")
+
+
+def test_an_unset_max_tokens_is_the_default_within_the_rest_of_the_context():
+    limits = LimitsConfig(default_max_tokens=1000)
+    assert completion_budget(10, None, LONG_CONTEXT, limits) == 1000
+    assert completion_budget(262_000, None, LONG_CONTEXT, limits) == 144
+
+
+def test_an_unset_max_tokens_shrinks_to_keep_the_whole_request_within_its_limits():
+    limits = LimitsConfig(default_max_tokens=None, max_total_completion_tokens=4096, max_logprob_entries=2100)
+    assert completion_budget(10, None, LONG_CONTEXT, limits, ResponseShape(choices=16)) == 256
+    assert (
+        completion_budget(10, None, LONG_CONTEXT, limits, ResponseShape(choices=2, logprobs_per_token=21))
+        == 50
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "requested", "setting"),
+    [
+        (ResponseShape(choices=16), 4097, "max_total_completion_tokens"),
+        (ResponseShape(choices=2, logprobs_per_token=21), 3200, "max_logprob_entries"),
+    ],
+)
+def test_a_request_that_would_hold_too_much_is_refused_naming_field_and_setting(shape, requested, setting):
+    limits = LimitsConfig(max_total_completion_tokens=65_536, max_logprob_entries=131_072)
+    with pytest.raises(BadRequest) as caught:
+        completion_budget(10, requested, LONG_CONTEXT, limits, shape, field="max_completion_tokens")
+    assert caught.value.param == "max_completion_tokens"
+    assert caught.value.code == "limit_exceeded"
+    assert f"limits.{setting}" in caught.value.message
+    assert completion_budget(10, requested - 1 - requested // 2, LONG_CONTEXT, limits, shape) > 0
+
+
+def test_echoed_prompt_logprobs_count_toward_the_reply():
+    limits = LimitsConfig(max_logprob_entries=1000)
+    with pytest.raises(BadRequest) as caught:
+        completion_budget(
+            90,
+            1,
+            LONG_CONTEXT,
+            limits,
+            ResponseShape(choices=2, logprobs_per_token=6, echoed_prompt_tokens=90),
+        )
+    assert caught.value.param == "logprobs"
+
+
+def test_the_default_limits_bound_what_one_reply_holds():
+    """The figures docs/reliability.md states: 65,536 tokens, 131,072 log-probabilities."""
+    limits = LimitsConfig()
+    n, top = limits.max_choices, 20
+    budget = completion_budget(
+        10, None, LONG_CONTEXT, limits, ResponseShape(choices=n, logprobs_per_token=top + 1)
+    )
+    assert n * budget * (top + 1) <= limits.max_logprob_entries
+    assert n * completion_budget(10, None, LONG_CONTEXT, limits, ResponseShape(choices=n)) <= 65_536
