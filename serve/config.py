@@ -581,6 +581,14 @@ class AuthConfig(_Strict):
             "with neither, the service is open."
         ),
     )
+    allow_anonymous: bool = Field(
+        default=False,
+        description=(
+            "Serve without API keys where others can reach the service. Without keys and without "
+            "this, `ministral-serve run --host` with an address beyond loopback refuses to start and "
+            "the Helm chart refuses to render; on loopback, a service without keys is always open."
+        ),
+    )
 
 
 ROUTER_CLASSES = {

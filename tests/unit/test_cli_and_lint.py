@@ -1,11 +1,13 @@
 """The console entry points, and the code style the project holds itself to."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).parents[2]
 
@@ -57,6 +59,67 @@ def test_run_refuses_a_bad_layout_before_starting_anything(arguments, message):
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+# `ministral-serve run` up to the point where it would start Ray, which instead exits saying so.
+RUN_UNTIL_RAY = """
+import sys
+import ray
+
+def refuse(**_):
+    sys.exit("would start Ray")
+
+ray.init = refuse
+from serve.cli import main
+
+main(["run", *sys.argv[1:]])
+"""
+
+
+def run_until_ray(*arguments: str, api_keys: str | None = None) -> subprocess.CompletedProcess:
+    environment = {name: value for name, value in os.environ.items() if name != "MINISTRAL_API_KEYS"}
+    if api_keys is not None:
+        environment["MINISTRAL_API_KEYS"] = api_keys
+    return subprocess.run(
+        [sys.executable, "-c", RUN_UNTIL_RAY, *arguments],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7"])
+def test_run_refuses_to_listen_beyond_loopback_without_api_keys(host):
+    result = run_until_ray("--host", host)
+    assert result.returncode == 1
+    assert f"refusing to listen on {host}, beyond loopback, without API keys" in result.stderr
+    assert "MINISTRAL_API_KEYS" in result.stderr and "auth.allow_anonymous: true" in result.stderr
+    assert "would start Ray" not in result.stderr
+
+
+def test_run_listens_beyond_loopback_with_api_keys_or_when_the_config_allows_it_open(tmp_path):
+    assert "would start Ray" in run_until_ray("--host", "0.0.0.0", api_keys="sk-1").stderr
+    document = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    document["applications"][0]["args"]["auth"] = {"allow_anonymous": True}
+    config = tmp_path / "open.yaml"
+    config.write_text(yaml.safe_dump(document))
+    assert "would start Ray" in run_until_ray("--host", "0.0.0.0", "--config", str(config)).stderr
+    # On loopback, no keys are needed.
+    assert "would start Ray" in run_until_ray("--host", "localhost").stderr
+
+
+def test_a_service_is_open_beyond_loopback_only_without_keys_and_when_the_config_allows_it():
+    from serve.cli import _open_beyond_loopback
+    from serve.config import AppConfig
+
+    open_config = AppConfig.model_validate({"auth": {"allow_anonymous": True}})
+    assert _open_beyond_loopback("0.0.0.0", open_config, keyed=False) is True
+    assert _open_beyond_loopback("0.0.0.0", open_config, keyed=True) is False
+    assert _open_beyond_loopback("127.0.0.1", AppConfig(), keyed=False) is False
+    with pytest.raises(SystemExit):
+        _open_beyond_loopback("0.0.0.0", AppConfig(), keyed=False)
 
 
 def test_bench_refuses_zero_repeats_before_starting_anything():

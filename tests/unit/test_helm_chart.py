@@ -42,13 +42,17 @@ ALL_MONITORING = {
 }
 
 
+# The chart renders only with API keys, or told to serve the API open.
+WITH_KEYS = {"apiKeys": {"secretName": "ministral-keys"}}
+
+
 @pytest.fixture(scope="module")
 def chart() -> helm.Chart:
     return helm.Chart.load(CHART)
 
 
 def render(chart: helm.Chart, values: dict | None = None) -> list[dict]:
-    manifests = chart.render(values or {}, name="prod", namespace="llm", is_install=True)
+    manifests = chart.render({**WITH_KEYS, **(values or {})}, name="prod", namespace="llm", is_install=True)
     return [
         document
         for path, text in manifests.items()
@@ -114,7 +118,7 @@ def cpus_asked(application_args: dict) -> float:
 
 
 def test_the_chart_lints_clean():
-    report = helm.lint(CHART, strict=True)
+    report = helm.lint(CHART, WITH_KEYS, strict=True)
     assert report["errors"] == []
     # Severity 2 is a warning, 3 an error; 1 is advice (an icon).
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -196,6 +200,15 @@ def test_values_that_cannot_place_the_layout_fail_rendering(chart, values, messa
     with pytest.raises(helm.HelmRenderError) as failure:
         chart.render(values, name="prod", namespace="llm")
     assert message in str(failure.value)
+
+
+def test_without_api_keys_the_chart_renders_only_when_told_to_serve_the_api_open(chart):
+    with pytest.raises(helm.HelmRenderError, match="no API keys: the pods listen on every interface"):
+        chart.render({}, name="prod", namespace="llm")
+    for auth in ({"allow_anonymous": True}, {"api_keys": ["sk-1"]}):
+        values = {"apiKeys": {"secretName": ""}, "serveConfig": {"applicationArgs": {"auth": auth}}}
+        (application,) = serve_config(one(render(chart, values), "RayService"))["applications"]
+        assert application["args"]["auth"] == auth
 
 
 def test_overrides_are_merged_into_the_generated_config(chart):
