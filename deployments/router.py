@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
@@ -26,6 +26,7 @@ from deployments.routing import (
     Candidate,
     DecodeJob,
     InFlight,
+    InFlightLedger,
     RoutingSettings,
     decoder_candidates,
     encoder_candidates,
@@ -44,8 +45,6 @@ from serve.metrics import (
 
 logger = logging.getLogger(__name__)
 
-TENTATIVE_S = 60.0
-
 
 def _load(cls, stats: dict):
     """A replica's stats as their message, or None before its first report (or from another version)."""
@@ -53,22 +52,6 @@ def _load(cls, stats: dict):
         return cls(**{f.name: stats[f.name] for f in fields(cls) if f.name in stats}) if stats else None
     except TypeError:
         return None
-
-
-@dataclass(frozen=True)
-class _Sent:
-    replica_id: str
-    work: InFlight
-
-
-@dataclass(frozen=True)
-class _Tentative:
-    """A request ranked and not yet routed: counted in flight on its first-ranked replica."""
-
-    replica_id: str
-    work: InFlight
-    when: float
-    affinity_keys: Sequence[Hashable]  # computed for the ranking, recorded once it is routed
 
 
 class RouterMetrics:
@@ -119,11 +102,8 @@ class _StageRouter(RequestRouter):
     def initialize_state(self, **settings):
         self._settings = RoutingSettings(**settings)
         self._affinity = AffinityIndex()
-        self._sent: dict[str, _Sent] = {}
-        self._in_flight: dict[str, InFlight] = {}
+        self._in_flight = InFlightLedger()
         self._affinity_choice: dict[str, str] = {}  # request id -> the replica its affinity picked
-        # Counted as in flight from ranking, so that requests ranked at the same instant see each other.
-        self._tentative: dict[str, _Tentative] = {}
         self._metrics = RouterMetrics(self.stage)
 
     def update_replicas(self, replicas: list[RunningReplica]):
@@ -132,8 +112,7 @@ class _StageRouter(RequestRouter):
         if gone:
             self._affinity.forget(gone)
             self._metrics.forget(gone)
-            for replica_id in gone:
-                self._in_flight.pop(replica_id, None)
+            self._in_flight.forget(gone)
         return super().update_replicas(replicas)
 
     def _loads(self, candidate_replicas: list[RunningReplica]) -> tuple[list[str], dict]:
@@ -146,20 +125,10 @@ class _StageRouter(RequestRouter):
             self._metrics.saw(
                 replica_id,
                 getattr(load, self.speed_field) if load else 0.0,
-                self._in_flight.get(replica_id, InFlight()).requests,
+                self._in_flight.held.get(replica_id, InFlight()).requests,
                 getattr(load, self.kv_field) if load and self.kv_field else None,
             )
         return replica_ids, loads
-
-    def _add(self, replica_id: str, work: InFlight, sign: int) -> InFlight:
-        held = self._in_flight.get(replica_id, InFlight())
-        held = InFlight(
-            requests=max(0, held.requests + sign * work.requests),
-            prefill_tokens=max(0, held.prefill_tokens + sign * work.prefill_tokens),
-            work=max(0, held.work + sign * work.work),
-        )
-        self._in_flight[replica_id] = held
-        return held
 
     def _routed(
         self,
@@ -171,23 +140,14 @@ class _StageRouter(RequestRouter):
         """Counts the request in flight where it went, and records its affinity keys there (those
         its ranking computed; `affinity_keys()` if it was routed without one)."""
         request_id = pending_request.metadata.internal_request_id
-        tentative = self._untentative(request_id)
         chosen = replica_id.unique_id
-        self._affinity.record(tentative.affinity_keys if tentative else affinity_keys(), chosen)
-        self._sent[request_id] = _Sent(chosen, work)
-        self._add(chosen, work, +1)
+        ranked_keys = self._in_flight.routed(request_id, chosen, work)
+        self._affinity.record(ranked_keys if ranked_keys is not None else affinity_keys(), chosen)
         if self._affinity_choice.pop(request_id, None) == chosen:
             self._metrics.affinity_hit()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        sent = self._sent.pop(internal_request_id, None)
-        if sent is not None:
-            self._add(sent.replica_id, sent.work, -1)
-
-    def _untentative(self, request_id: str) -> _Tentative | None:
-        if (tentative := self._tentative.pop(request_id, None)) is not None:
-            self._add(tentative.replica_id, tentative.work, -1)
-        return tentative
+        self._in_flight.completed(internal_request_id)
 
     def _ranked(
         self,
@@ -200,19 +160,13 @@ class _StageRouter(RequestRouter):
         """The policy's ranking as Serve's. The first is counted as in flight until the request
         is routed (a request never routed is dropped from the count after a minute)."""
         request_id = pending_request.metadata.internal_request_id
-        now = time.monotonic()
-        for stale in [r for r, t in self._tentative.items() if now - t.when > TENTATIVE_S]:
-            self._untentative(stale)
-        self._untentative(request_id)
         ranks = rank(candidates, self._settings)
-        if ranks:
-            first = ranks[0][0]
-            self._tentative[request_id] = _Tentative(first, work, now, affinity_keys)
-            self._add(first, work, +1)
-            if any(c.replica_id == first and c.affinity > 0 for c in candidates):
-                self._affinity_choice[request_id] = first
-                if len(self._affinity_choice) > 4096:
-                    self._affinity_choice.pop(next(iter(self._affinity_choice)))
+        first = ranks[0][0] if ranks else None
+        self._in_flight.ranked(request_id, first, work, affinity_keys, time.monotonic())
+        if first is not None and any(c.replica_id == first and c.affinity > 0 for c in candidates):
+            self._affinity_choice[request_id] = first
+            if len(self._affinity_choice) > 4096:
+                self._affinity_choice.pop(next(iter(self._affinity_choice)))
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[replica_id] for replica_id in group] for group in ranks]
 
@@ -236,7 +190,7 @@ class DecoderRouter(_StageRouter):
         candidates = decoder_candidates(
             replica_ids,
             loads,
-            self._in_flight,
+            self._in_flight.held,
             {r: n * PREFIX_BLOCK_TOKENS for r, n in matched_blocks.items()},
             job,
             time.time(),
@@ -300,7 +254,7 @@ class EncoderRouter(_StageRouter):
         candidates = encoder_candidates(
             replica_ids,
             loads,
-            self._in_flight,
+            self._in_flight.held,
             self._affinity.holders(image_hashes),
             image_hashes,
             time.time(),

@@ -35,9 +35,10 @@ queue. A decoder replica whose KV cache cannot take the request goes last
 (vLLM would queue it, or preempt others for it).
 
 Stats arrive late (the controller polls them every few seconds), so the
-router also counts what it has sent to each replica and not yet seen finish,
-from the moment it ranks a replica first (requests routed at the same
-instant see each other); the larger of the two views of held work is used.
+router also counts what it has sent to each replica and not yet seen finish
+(`InFlightLedger`), from the moment it ranks a replica first (requests
+routed at the same instant see each other); the larger of the two views of
+held work is used.
 Each rank holds one replica: Serve tries them in order, skipping a replica at
 its `max_ongoing_requests`.
 """
@@ -47,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from serve.messages import DecoderLoad, EncoderLoad
@@ -58,6 +59,8 @@ PREFILL_TOKEN_WEIGHT = 0.1
 PREFIX_BLOCK_TOKENS = 64
 MAX_PREFIX_BLOCKS = 256
 HELD_IMAGE_PREFIX_CHARS = 12
+# A request ranked and never reported routed stops counting in flight after this long.
+TENTATIVE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,93 @@ class InFlight:
 
 
 @dataclass(frozen=True)
+class _Sent:
+    replica_id: str
+    work: InFlight
+
+
+@dataclass(frozen=True)
+class _Tentative:
+    """A request ranked and not yet routed: counted in flight on its first-ranked replica."""
+
+    replica_id: str
+    work: InFlight
+    when: float
+    affinity_keys: Sequence[Hashable]  # computed for the ranking, recorded once it is routed
+
+
+class InFlightLedger:
+    """What a router has sent each replica and not yet seen finish, per replica.
+
+    A request counts from the moment it is `ranked` (on its first-ranked replica,
+    so that requests ranked at the same instant see each other), then where it
+    was `routed`, until it is `completed`. One ranked and never routed stops
+    counting `tentative_s` after its ranking; a replica that is gone is
+    `forgotten` with every entry on it."""
+
+    def __init__(self, tentative_s: float = TENTATIVE_S):
+        self.tentative_s = tentative_s
+        self._held: dict[str, InFlight] = {}
+        self._sent: dict[str, _Sent] = {}  # by request id
+        self._tentative: dict[str, _Tentative] = {}  # by request id
+
+    @property
+    def held(self) -> Mapping[str, InFlight]:
+        """Per replica id, what it holds of this router's requests (absent: nothing)."""
+        return self._held
+
+    def ranked(
+        self,
+        request_id: str,
+        first_replica_id: str | None,
+        work: InFlight,
+        affinity_keys: Sequence[Hashable],
+        now: float,
+    ) -> None:
+        """Counts the request on its first-ranked replica (none: no replica ranked) instead of
+        where an earlier ranking of it put it; drops rankings older than `tentative_s`."""
+        for stale in [r for r, t in self._tentative.items() if now - t.when > self.tentative_s]:
+            self._untentative(stale)
+        self._untentative(request_id)
+        if first_replica_id is not None:
+            self._tentative[request_id] = _Tentative(first_replica_id, work, now, affinity_keys)
+            self._add(first_replica_id, work, +1)
+
+    def routed(self, request_id: str, replica_id: str, work: InFlight) -> Sequence[Hashable] | None:
+        """Counts the request where it went; the affinity keys its ranking computed (None: it was
+        routed without a ranking, or its ranking was dropped)."""
+        tentative = self._untentative(request_id)
+        self._sent[request_id] = _Sent(replica_id, work)
+        self._add(replica_id, work, +1)
+        return tentative.affinity_keys if tentative else None
+
+    def completed(self, request_id: str) -> None:
+        if (sent := self._sent.pop(request_id, None)) is not None:
+            self._add(sent.replica_id, sent.work, -1)
+
+    def forget(self, replica_ids: Iterable[str]) -> None:
+        """Drops replicas that are gone, and every request counted on them."""
+        gone = set(replica_ids)
+        for replica_id in gone:
+            self._held.pop(replica_id, None)
+        self._sent = {r: sent for r, sent in self._sent.items() if sent.replica_id not in gone}
+        self._tentative = {r: t for r, t in self._tentative.items() if t.replica_id not in gone}
+
+    def _untentative(self, request_id: str) -> _Tentative | None:
+        if (tentative := self._tentative.pop(request_id, None)) is not None:
+            self._add(tentative.replica_id, tentative.work, -1)
+        return tentative
+
+    def _add(self, replica_id: str, work: InFlight, sign: int) -> None:
+        held = self._held.get(replica_id, InFlight())
+        self._held[replica_id] = InFlight(
+            requests=max(0, held.requests + sign * work.requests),
+            prefill_tokens=max(0, held.prefill_tokens + sign * work.prefill_tokens),
+            work=max(0, held.work + sign * work.work),
+        )
+
+
+@dataclass(frozen=True)
 class DecodeJob:
     prompt_tokens: int
     max_new_tokens: int  # max_tokens x choices
@@ -230,7 +320,7 @@ def _known_rate(rates: list[float], default: float) -> float:
 def decoder_candidates(
     replica_ids: Sequence[str],
     loads: dict[str, DecoderLoad],
-    in_flight: dict[str, InFlight],
+    in_flight: Mapping[str, InFlight],
     prefix_matches: dict[str, int],
     job: DecodeJob,
     now: float,
@@ -295,7 +385,7 @@ def decoder_candidates(
 def encoder_candidates(
     replica_ids: Sequence[str],
     loads: dict[str, EncoderLoad],
-    in_flight: dict[str, InFlight],
+    in_flight: Mapping[str, InFlight],
     routed_images: dict[str, int],
     image_hashes: Sequence[str],
     now: float,

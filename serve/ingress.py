@@ -11,7 +11,8 @@ template (serve.completions).
 
 A full stage queue is a 429 with Retry-After; a preprocess or encoder
 replica lost mid-request is retried once (both stages are idempotent); a
-decoder lost mid-request ends the request with a 503 or an error event.
+decoder lost mid-request ends the request with a 503 or an error event
+(serve.stage_errors).
 """
 
 from __future__ import annotations
@@ -40,14 +41,7 @@ from serve.chat_template import ChatTemplate, image_positions
 from serve.checkpoint import open_checkpoint, reasoning_enabled
 from serve.completions import CompletionOutput
 from serve.config import AppConfig, LimitsConfig
-from serve.errors import (
-    APIError,
-    BadRequest,
-    ModelNotFound,
-    ServiceUnavailable,
-    TooManyRequests,
-    echoed,
-)
+from serve.errors import APIError, BadRequest, ModelNotFound, echoed
 from serve.grammar import CompiledGrammars, GrammarBuilder
 from serve.health import stage_states
 from serve.limits import check_collection_sizes, check_json_values, check_limits, read_body
@@ -85,6 +79,7 @@ from serve.request_metrics import (
     received_at,
 )
 from serve.sampling import ResponseShape, check_token_ids, completion_budget, sampling_settings
+from serve.stage_errors import lost_its_replica, stage_error, with_retry_on_lost_replica
 from serve.streams import started, until_deadline
 
 logger = logging.getLogger(__name__)
@@ -108,9 +103,6 @@ PARSE_INLINE_BYTES = 1024 * 1024
 # How long /health reuses Serve's view of the stages: each fresh look is a call to Serve's
 # controller, and /health answers anyone, without a key.
 HEALTH_CACHE_S = 1.0
-
-# Tries of an idempotent stage (preprocess, encoder) whose replica was lost.
-STAGE_ATTEMPTS = 2
 
 # Served paths under /v1 (with another method, they are a 405, not a 404).
 SERVED_OPERATIONS = {"chat/completions", "completions", "models"}
@@ -197,36 +189,6 @@ def _field_and_message(error: dict) -> tuple[str | None, str]:
     return error_param(error["loc"]), error["msg"]
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """A stage's own error, unwrapped: it arrives wrapped once per hop (encoder -> decoder -> here)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(error, RayTaskError) and isinstance(error.cause, Exception):
-        error = error.cause
-    return error
-
-
-def _replica_lost(error: BaseException) -> bool:
-    """Whether `error` means the replica (or an object it held) went away, not that the request was bad."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError
-    from ray.serve.exceptions import DeploymentUnavailableError
-
-    lost = (ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ObjectLostError)
-    return isinstance(_root_cause(error), lost)
-
-
-async def _lost_its_replica(response: DeploymentResponse) -> bool:
-    """Whether a stage's call failed because its replica was lost.
-
-    Only asked once a later stage has failed: awaiting fetches the stage's
-    result into this process, which the normal path never does."""
-    try:
-        await response
-    except Exception as e:
-        return _replica_lost(e)
-    return False
-
-
 def _text_chars(messages: list[ChatMessage]) -> int:
     """Characters of text in the messages' content (strings and text parts)."""
     return sum(
@@ -237,26 +199,6 @@ def _text_chars(messages: list[ChatMessage]) -> int:
     )
 
 
-def _stage_error(error: Exception, stage: str, retry_after_s: int) -> APIError:
-    """What a failure in a downstream stage means to the client."""
-    from ray.serve.exceptions import BackPressureError
-
-    cause = _root_cause(error)
-    if isinstance(cause, APIError):
-        return cause
-    if _replica_lost(cause):
-        # The client's 503 says only "retry"; the operator's log says why.
-        logger.warning("%s stage unavailable: %s", stage, cause)
-        return ServiceUnavailable(f"the {stage} stage is unavailable; retry shortly")
-    if isinstance(cause, BackPressureError):
-        return TooManyRequests(
-            f"the {stage} stage is at capacity (its queue is full); retry after {retry_after_s} s",
-            retry_after_s=retry_after_s,
-        )
-    logger.exception("%s stage failed", stage, exc_info=cause)
-    return APIError(f"internal error in the {stage} stage")
-
-
 async def _guarded_events(
     events: AsyncIterator[str], request_id: str, scope: dict, retry_after_s: int
 ) -> AsyncIterator[str]:
@@ -265,7 +207,7 @@ async def _guarded_events(
         async for event in events:
             yield event
     except Exception as e:
-        error = _stage_error(e, "decoder", retry_after_s)
+        error = stage_error(e, "decoder", retry_after_s)
         logger.warning("stream %s failed: %s", request_id, error.message)
         mark_error(scope, error_code(error))
         yield sse(json.dumps(error_payload(error.message, error.error_type, error.param, error.code)))
@@ -322,7 +264,7 @@ class Ingress:
                 try:
                     self._engine_info = await self._decoder.engine_info.remote()
                 except Exception as e:
-                    raise _stage_error(e, "decoder", self._config.limits.retry_after_s) from e
+                    raise stage_error(e, "decoder", self._config.limits.retry_after_s) from e
         return self._engine_info
 
     @app.get("/health")
@@ -567,10 +509,12 @@ class Ingress:
         unresolved, so that pixels and embeddings never pass through here; `image_hashes`
         go with it for the encoder router."""
         limits = self._config.limits
-        for attempt in range(1, STAGE_ATTEMPTS + 1):
+        images: DeploymentResponse | None = None  # the encoder's call of the latest try
+
+        async def decode_once() -> AsyncIterator[DecodeChunk]:
+            nonlocal images
             # Counted from the request's arrival: a retry gets only what is left.
             time_left = limits.request_timeout_s - (time.perf_counter() - received_at(http_request.scope))
-            images = None
             if preprocessed is not None:
                 images = self._encoder.encode.remote(preprocessed, image_hashes=image_hashes)
             stream = self._decoder.generate.options(stream=True).remote(decode, images)
@@ -579,20 +523,25 @@ class Ingress:
                 http_request.scope,
                 prompt_tokens=len(decode.prompt_token_ids),
             )
-            try:
-                return await started(chunks)
-            except Exception as e:
-                if attempt < STAGE_ATTEMPTS and images is not None and await _lost_its_replica(images):
-                    logger.warning("encoder replica lost with request %s; trying again", decode.request_id)
-                    continue
-                raise _stage_error(e, "decoder", limits.retry_after_s) from e
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            return await started(chunks)
+
+        async def encoder_lost(error: Exception) -> bool:
+            # The encoder is tried again; a decoder lost mid-request ends the request.
+            return images is not None and await lost_its_replica(images)
+
+        return await with_retry_on_lost_replica(
+            decode_once,
+            stage="decoder",
+            retry_after_s=limits.retry_after_s,
+            lost=encoder_lost,
+            lost_replica=f"the encoder replica of request {decode.request_id}",
+        )
 
     async def _decoded(self, response: Awaitable[Reply]) -> Reply:
         try:
             return await response
         except Exception as e:
-            raise _stage_error(e, "decoder", self._config.limits.retry_after_s) from e
+            raise stage_error(e, "decoder", self._config.limits.retry_after_s) from e
 
     def _stream(
         self, events: AsyncIterator[str], request_id: str, http_request: Request
@@ -622,13 +571,11 @@ class Ingress:
                 f"messages: the request has {num_images} images; this service accepts at most {limit}",
                 param="messages",
             )
-        for attempt in range(1, STAGE_ATTEMPTS + 1):
+
+        async def preprocess_once() -> tuple[PreprocessedRequest, DeploymentResponse]:
             response = self._preprocess.preprocess.remote(messages, tools)
-            try:
-                return await response, response
-            except Exception as e:
-                if attempt < STAGE_ATTEMPTS and _replica_lost(e):
-                    logger.warning("preprocess replica lost with a request; trying again: %s", _root_cause(e))
-                    continue
-                raise _stage_error(e, "preprocess", self._config.limits.retry_after_s) from e
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            return await response, response
+
+        return await with_retry_on_lost_replica(
+            preprocess_once, stage="preprocess", retry_after_s=self._config.limits.retry_after_s
+        )
