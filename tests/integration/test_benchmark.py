@@ -174,7 +174,7 @@ def test_cpu_is_counted_per_process_group_of_each_stack(bench):
         assert measured["serving_cpu_s_per_1k_tokens"] == pytest.approx(
             serving * 1000 / measured["output_tokens"], abs=1e-3
         )
-    assert measured["output_tokens"] == settings.num_prompts(measured["concurrency"]) * TINY.output_tokens
+        assert measured["output_tokens"] == settings.num_prompts(measured["concurrency"]) * TINY.output_tokens
     assert "(haproxy)" in (settings.output_root / settings.name / "logs" / "ours.log").read_text()
     rows = {(row["stack"], row["concurrency"]) for row in results["cpu_table"]}
     assert rows == {(stack, c) for stack in ("ours", "vllm") for c in CONCURRENCIES}

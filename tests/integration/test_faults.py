@@ -13,13 +13,17 @@ limit (`HANG_S`): one that reaches it counts as hung, and fails the test.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
+import psutil
 import pytest
 
 from serve.config import AppConfig
@@ -209,19 +213,31 @@ def test_a_request_past_the_time_limit_is_stopped_in_the_engine(faults_url):
     assert wait_for(lambda: unfinished_in_engine() == 0, timeout_s=10), "the engine kept generating"
 
 
+def fetching_process(image_server) -> int | None:
+    """The process holding a connection open to the image server (a preprocess replica that
+    fetches), if one does."""
+    server_port = urlsplit(image_server.base_url).port
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.raddr and connection.raddr.port == server_port and connection.pid != os.getpid():
+            return connection.pid
+    return None
+
+
 def test_a_lost_preprocess_replica_is_retried(faults_url, image_server):
-    # Each fetch takes 1.5 s, so the replica is killed with the requests it was given inside it.
-    payloads = [
-        chat(image_content(image_server.url(f"slow/1.5?request={i}")), 4, stream=i % 2 == 0) for i in range(4)
-    ]
-    killed: list[str] = []
-    killer = threading.Timer(0.75, kill_replica, args=("Preprocess", killed))
-    killer.start()
-    outcomes = send_all(faults_url, payloads)
-    killer.join()
+    # Each fetch takes 1.5 s: the replica caught fetching is killed with the request inside it.
+    urls = [image_server.url(f"slow/1.5?lost-preprocess={i}") for i in range(4)]
+    payloads = [chat(image_content(url), 4, stream=i % 2 == 0) for i, url in enumerate(urls)]
+    with ThreadPoolExecutor(1) as sender:
+        sending = sender.submit(send_all, faults_url, payloads)
+        assert wait_for(lambda: fetching_process(image_server) is not None, timeout_s=30)
+        os.kill(fetching_process(image_server), signal.SIGKILL)
+        outcomes = sending.result()
     assert [o.kind for o in outcomes] == ["completed"] * 4, outcomes
     assert all(o.tokens == 4 for o in outcomes)
-    assert killed
+    # A request of the killed replica was sent again, to the other one, which fetched its image again.
+    fetches = Counter(path for path in image_server.requests if "lost-preprocess=" in path)
+    assert set(fetches) == {urlsplit(url).path + "?" + urlsplit(url).query for url in urls}
+    assert max(fetches.values()) >= 2, fetches
 
 
 def test_a_lost_encoder_replica_is_retried(faults_url):

@@ -154,11 +154,12 @@ def test_each_stage_serves_image_requests_and_text_skips_the_image_stages(servic
     assert concurrently(service, image_requests) == [4] * 12
     after_images = settled(service.metrics_url)
 
-    # Both preprocess replicas took part; the encoder and the decoder served every request.
+    # The preprocess stage served every request, on its replicas (how Serve spreads 12 requests
+    # over two idle replicas is Serve's tie-breaking, not this project's: not asserted); so did
+    # the encoder and the decoder.
     preprocessed = Counter(requests_to(after_images, "Preprocess"))
     preprocessed.subtract(requests_to(before, "Preprocess"))
-    assert len(preprocessed) == 2 and all(n > 0 for n in preprocessed.values()), preprocessed
-    assert sum(preprocessed.values()) == 12
+    assert sum(preprocessed.values()) == 12, preprocessed
     assert delta(before, after_images, REQUESTS, deployment="Encoder") == 12
     assert delta(before, after_images, REQUESTS, deployment="Decoder") >= 12
     assert delta(before, after_images, "ray_ministral_images_preprocessed_total") == 12

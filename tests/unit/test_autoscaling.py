@@ -174,7 +174,3 @@ def test_the_config_writes_a_policy_serve_accepts():
     assert (policy.upscale_delay_s, policy.downscale_delay_s) == (30, 300)
     assert AutoscalingBounds().targets("encoder") == {PENDING_IMAGES: 8}
     assert AutoscalingBounds().targets("preprocess") == {ONGOING: 16}
-
-
-def test_decision_defaults_to_no_pending_change():
-    assert Decision(3) == Decision(3, None, None)

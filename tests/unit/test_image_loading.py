@@ -3,7 +3,9 @@
 import asyncio
 import base64
 import io
+import struct
 import tracemalloc
+import zlib
 
 import httpx
 import numpy as np
@@ -155,11 +157,24 @@ def test_a_jpeg_decoded_in_full_is_the_same_with_or_without_the_model_size():
     )
 
 
-def test_pillow_decompression_bomb_guard_stays_on(monkeypatch):
-    # Our own cap is the first line; Pillow's guard is the second.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageError, match="too large"):
-        decode_image(image_bytes((100, 100)), max_pixels=10**6)
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature, header and end, with no pixel data: what Pillow reads to size an image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_pillow_decompression_bomb_guard_stays_on():
+    """Our own cap is the first line, Pillow's guard the second, as it stands once everything the
+    preprocess replica imports is imported: a header of 400 megapixels is refused as a bomb when
+    opened (with the guard off at import, it would open, and fail later as corrupt)."""
+    import deployments.preprocess  # noqa: F401
+
+    with pytest.raises(ImageError, match="too large to decode"):
+        decode_image(png_header(20_000, 20_000), max_pixels=10**10)
 
 
 @pytest.mark.parametrize(
