@@ -3,7 +3,7 @@ PORT ?= 8000
 METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint bench soak
+.PHONY: serve test test-fast lint bench soak check-gpu-deps
 
 serve:
 	scripts/install.sh cpu
@@ -33,3 +33,9 @@ bench:
 soak:
 	scripts/install.sh cpu,bench
 	.venv/bin/python -m benchmarks.soak $(SOAK_ARGS)
+
+# Whether the GPU extra (scripts/install.sh gpu, the Dockerfile's) resolves from the package index:
+# pip's resolver, metadata only, nothing installed. The suite runs the same check.
+check-gpu-deps:
+	scripts/install.sh cpu,test
+	.venv/bin/python -m pytest tests/integration/test_gpu_extra.py

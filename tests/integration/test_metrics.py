@@ -226,7 +226,16 @@ def observed(service, client, prometheus):
     started = time.time()
     traffic = Traffic(service)
     traffic.run_for(TRAFFIC_S)
-    time.sleep(4 * SCRAPE_INTERVAL_S + 2)  # the last tokens reach Prometheus
+
+    def counted_since_started(expr: str) -> float:
+        return prometheus.value(expr, time.time()) - prometheus.value(expr, started)
+
+    # The last tokens reach Prometheus a scrape or two after the traffic: wait until both counters
+    # have counted as many as the client received (or a minute, and the tests say what they saw).
+    wait_for(
+        lambda: all(counted_since_started(e) >= traffic.tokens_received for e in (tokens, engine_tokens)),
+        timeout_s=60,
+    )
     ended = time.time()
     return {
         "traffic": traffic,
