@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from serve.config import AppConfig
+from tests.integration.conftest import run_behind_the_front_door
 from tests.integration.replicas import replica_names
 from tests.polling import wait_for
 
@@ -74,8 +75,9 @@ def scaling_url(ray_cluster, demo_checkpoint):
             },
         }
     )
-    serve.run(build_stages(config, StandInBatchingDecoder), name=APP, route_prefix=PREFIX)
-    yield f"{ray_cluster.base_url}{PREFIX}"
+    yield run_behind_the_front_door(
+        build_stages(config, StandInBatchingDecoder), APP, PREFIX, ray_cluster.base_url
+    )
     serve.delete(APP)
 
 

@@ -28,6 +28,7 @@ import pytest
 
 from serve.config import AppConfig
 from tests.image_server import data_url, image_bytes
+from tests.integration.conftest import run_behind_the_front_door
 from tests.integration.replicas import replica_names
 from tests.polling import wait_for
 
@@ -79,8 +80,7 @@ def faults_url(ray_cluster, demo_checkpoint, image_server):
             },
         }
     )
-    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
-    base_url = f"{ray_cluster.base_url}{PREFIX}"
+    base_url = run_behind_the_front_door(build_app(config), APP, PREFIX, ray_cluster.base_url)
     # The ingress asks the decoder for its settings once: before the tests count the decoder's slots.
     assert send(base_url, chat("Warm up", 2, stream=False)).kind == "completed"
     yield base_url

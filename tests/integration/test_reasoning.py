@@ -16,6 +16,7 @@ from ray import serve
 from serve.app import build_app
 from serve.config import AppConfig
 from serve.demo_checkpoint import write_demo_checkpoint
+from tests.integration.conftest import run_behind_the_front_door
 from tests.integration.test_tools import WEATHER
 from tests.prompts import SYSTEM_PROMPT_DATE
 from tests.reference import checkpoint_system_prompt
@@ -39,8 +40,8 @@ def reasoning(service, tmp_path_factory):
             "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_cpus": 1}},
         }
     )
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
-    client = OpenAI(base_url=f"{service.base_url}/{APP}/v1", api_key="unused", timeout=120, max_retries=0)
+    url = run_behind_the_front_door(build_app(config), APP, f"/{APP}", service.base_url)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
     yield client, checkpoint
     serve.delete(APP)
 

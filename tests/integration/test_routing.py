@@ -22,6 +22,7 @@ import pytest
 from serve.config import AppConfig
 from serve.metrics import ROUTER_AFFINITY_HITS, VLLM_PREFIX_CACHE_HITS, VLLM_PROMPT_TOKENS
 from tests.integration import scrape
+from tests.integration.conftest import run_behind_the_front_door
 from tests.integration.replicas import replica_names
 
 pytestmark = pytest.mark.slow
@@ -77,9 +78,8 @@ def converse(client, conversation: int) -> list[int]:
     return prompt_tokens
 
 
-def deploy(demo_checkpoint, router: str) -> set[str]:
+def deploy(ray_cluster, demo_checkpoint, router: str) -> set[str]:
     """The application with `router`; its two decoder replicas' ids."""
-    from ray import serve
 
     from serve.app import build_app
 
@@ -93,7 +93,7 @@ def deploy(demo_checkpoint, router: str) -> set[str]:
             "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_replicas": 2, "num_cpus": 0}},
         }
     )
-    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
+    run_behind_the_front_door(build_app(config), APP, PREFIX, ray_cluster.base_url)
     decoders = {name.rsplit("#", 1)[1] for name in replica_names(APP, "Decoder")}
     assert len(decoders) == 2
     return decoders
@@ -140,7 +140,8 @@ def runs(ray_cluster, demo_checkpoint) -> dict[str, Run]:
     results = {}
     for router, conversations in (("serve_default", range(CONVERSATIONS)), ("throughput", range(100, 108))):
         try:
-            results[router] = run_workload(ray_cluster, conversations, deploy(demo_checkpoint, router))
+            decoders = deploy(ray_cluster, demo_checkpoint, router)
+            results[router] = run_workload(ray_cluster, conversations, decoders)
         finally:
             serve.delete(APP)
     return results
