@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
-# Ports that Ray, Serve and HAProxy take by default when not told otherwise. The OS hands out
-# ports from 32768 to 60999, so a test could get one of these and a Ray started after it would
-# refuse to start: `ray start --head --port=52365` once clashed with its own dashboard agent.
-DEFAULT_SERVICE_PORTS = frozenset({6379, 8000, 8076, 8080, 8265, 8404, 9101, 10001, 44217, 44227, 52365})
+# Where test servers listen: below the ports the OS hands out for outgoing connections (32768
+# and up), above Ray's worker ports (10002-19999) and its defaults, and below Serve's replica
+# ports (30000 and up). A port the OS picked as free was sometimes taken, by one of the hundreds
+# of connections Ray opens while it starts, before HAProxy came to bind it; and the OS once
+# handed out 52365, which a Ray started later wanted for its dashboard agent.
+TEST_PORTS = range(20000, 30000)
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now (the OS picks it), and that no Ray
-    component takes by default."""
+    """A port on 127.0.0.1 in TEST_PORTS that nothing listens on right now."""
     while True:
+        port = random.choice(TEST_PORTS)
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in DEFAULT_SERVICE_PORTS:
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
