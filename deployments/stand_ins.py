@@ -9,7 +9,9 @@ rank, in the first `world_size` bundles that hold GPUs, each holding
 `decoder.num_gpus` of its bundle's GPUs, numbered as vLLM numbers them. So
 the placement of every layout (bundles, strategy, GPU accounting, which node
 each rank lands on) can be checked where the layout's engine cannot run: on
-a CPU machine with logical GPUs, or on a cluster of logical nodes.
+a CPU machine with logical GPUs, or on a cluster of logical nodes. The two
+copied pieces (`vllm_bundle_indices`, `vllm_rank_order`) are checked against
+the installed vLLM's own statements in tests/unit/test_stand_ins.py.
 `StandInEncoder` takes the encoder's options and holds its GPUs (a share of
 a decoder's card, or cards of its own) without loading the vision tower.
 """
@@ -60,6 +62,11 @@ class ReplicaPlacement:
     ranks: list[RankPlacement]
 
 
+def vllm_bundle_indices(bundle_specs: list[dict[str, float]], world_size: int) -> list[int]:
+    """The bundles vLLM's Ray executor puts its ranks in: the first `world_size` that hold GPUs."""
+    return [i for i, bundle in enumerate(bundle_specs) if bundle.get("GPU", 0)][:world_size]
+
+
 def vllm_rank_order(placements: list[RankPlacement], driver_node_id: str) -> list[RankPlacement]:
     """Ranks as vLLM numbers its Ray workers: the driver's node first, then nodes holding fewer
     workers, then by node; in creation order within a node.
@@ -91,7 +98,6 @@ class StandInDecoder:
         group = ray.util.get_current_placement_group()
         ranks = []
         if group is not None:
-            gpu_bundles = [i for i, bundle in enumerate(group.bundle_specs) if bundle.get("GPU", 0)]
             ranks = [
                 _Rank.options(
                     num_gpus=config.deployments.decoder.num_gpus,
@@ -101,7 +107,7 @@ class StandInDecoder:
                         placement_group_capture_child_tasks=True,
                     ),
                 ).remote(bundle_index)
-                for bundle_index in gpu_bundles[:world_size]
+                for bundle_index in vllm_bundle_indices(group.bundle_specs, world_size)
             ]
         # The actors live as long as the replica: they hold the ranks' GPUs.
         self._ranks = ranks
