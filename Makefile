@@ -3,7 +3,7 @@ PORT ?= 8000
 METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint bench soak check-gpu-deps
+.PHONY: serve test test-fast lint bench soak check-gpu-deps mutation
 
 serve:
 	scripts/install.sh cpu
@@ -39,3 +39,10 @@ soak:
 check-gpu-deps:
 	scripts/install.sh cpu,test
 	.venv/bin/python -m pytest tests/integration/test_gpu_extra.py
+
+# The mutation score of the pure policies (docs/testing.md): mutmut over routing, autoscaling, the URL
+# guard, the request limits and the capacity planner, with their unit tests; writes
+# benchmarks/results/mutation/results.json. MUTATION_ARGS: see `python -m benchmarks.mutation --help`.
+mutation:
+	scripts/install.sh cpu,test,mutation
+	.venv/bin/python -m benchmarks.mutation $(MUTATION_ARGS)

@@ -227,7 +227,10 @@ def kv_capacity(
     """vLLM's kv_cache_utils arithmetic: KV bytes of each rank (pipeline order) -> capacity."""
     layers = pipeline_partition(model.layers, len(kv_bytes_per_rank))
     page = model.kv_page_bytes(block_size, tensor_parallel, kv_dtype_bytes)
-    blocks = max(0, min(kv // (n * page) for kv, n in zip(kv_bytes_per_rank, layers, strict=True)))
+    # A stage without layers (a model of fewer layers than stages, refused by check_shape) holds no KV.
+    blocks = max(
+        0, min((kv // (n * page) for kv, n in zip(kv_bytes_per_rank, layers, strict=True) if n), default=0)
+    )
     concurrency = blocks / math.ceil(max_model_len / block_size)
     return KVCapacity(blocks=blocks, max_concurrency=concurrency, tokens=int(concurrency * max_model_len))
 
@@ -296,7 +299,7 @@ def plan_layout(
                 weights_gib=round(weights / GIB, 3),
                 reserve_gib=round(reserve / GIB, 3),
                 kv_cache_gib=round(kv_bytes / GIB, 3),
-                kv_blocks=kv_bytes // (layers * page),
+                kv_blocks=kv_bytes // (layers * page) if layers else 0,
             )
         )
     capacity = kv_capacity(

@@ -174,3 +174,43 @@ def test_the_config_writes_a_policy_serve_accepts():
     assert (policy.upscale_delay_s, policy.downscale_delay_s) == (30, 300)
     assert AutoscalingBounds().targets("encoder") == {PENDING_IMAGES: 8}
     assert AutoscalingBounds().targets("preprocess") == {ONGOING: 16}
+
+
+def test_a_count_at_max_replicas_waits_out_the_downscale_delay_too():
+    idle = {WAITING: 0.0, KV_CACHE_USAGE: 0.0, ONGOING: 0.0}
+    at_max = BOUNDS["max_replicas"]
+    assert run(at_max, [(0, idle), (299, idle), (300, idle)]) == [at_max, at_max, BOUNDS["min_replicas"]]
+
+
+def test_ongoing_requests_are_averaged_over_the_running_replicas():
+    policy = StagePolicy({ONGOING: 10.0}, upscale_delay_s=0, downscale_delay_s=0)
+    # 30 ongoing over 2 replicas is 15 each, 1.5 times the target of 10: 3 replicas.
+    replicas, _ = policy(context(2, {}, total_requests=30, now=0.0))
+    assert replicas == 3
+
+
+def test_a_stage_with_no_running_replica_goes_to_its_minimum():
+    policy = StagePolicy({ONGOING: 16.0}, upscale_delay_s=0, downscale_delay_s=0)
+    replicas, _ = policy(context(0, {}, total_requests=5, now=0.0))
+    assert replicas == 1
+
+
+def test_the_policy_scales_down_after_the_delay_it_remembers_between_calls():
+    policy = StagePolicy({WAITING: 2.0}, upscale_delay_s=30, downscale_delay_s=300)
+    idle = {WAITING: [0.0, 0.0, 0.0]}
+    replicas, state = policy(context(3, idle, total_requests=0, now=1000.0))
+    assert (replicas, state["down_since"]) == (3, 1000.0)
+    replicas, state = policy(context(3, idle, total_requests=0, now=1299.0, state=state))
+    assert (replicas, state["down_since"]) == (3, 1000.0)
+    replicas, state = policy(context(3, idle, total_requests=0, now=1300.0, state=state))
+    assert replicas == 1
+
+
+def test_without_serves_clock_the_policy_uses_the_wall_clock():
+    import time
+
+    policy = StagePolicy({WAITING: 2.0}, upscale_delay_s=30, downscale_delay_s=300)
+    before = time.time()
+    replicas, state = policy(context(2, {WAITING: [6.0, 6.0]}, total_requests=0, now=None))
+    assert replicas == 2
+    assert before <= state["up_since"] <= time.time()

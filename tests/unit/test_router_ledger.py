@@ -88,3 +88,26 @@ def test_a_replica_that_vanishes_is_forgotten_with_its_entries():
     assert ledger.routed("r2", "b", IMAGES) is None
     assert "a" not in ledger.held
     assert held(ledger) == {"b": InFlight(requests=2, work=6)}
+
+
+def test_completing_one_of_two_requests_leaves_the_other_counted():
+    ledger = InFlightLedger()
+    ledger.routed("r1", "a", IMAGES)
+    ledger.routed("r2", "a", IMAGES)
+    ledger.completed("r1")
+    assert held(ledger) == {"a": IMAGES}
+
+
+def test_a_request_ranked_elsewhere_leaves_the_others_on_its_first_replica():
+    ledger = InFlightLedger()
+    ledger.ranked("r1", "a", IMAGES, (), NOW)
+    ledger.ranked("r2", "a", IMAGES, (), NOW)
+    ledger.ranked("r2", "b", IMAGES, (), NOW + 0.1)
+    assert held(ledger) == {"a": IMAGES, "b": IMAGES}
+
+
+def test_forgetting_a_replica_it_never_counted_is_harmless():
+    ledger = InFlightLedger()
+    ledger.routed("r1", "a", IMAGES)
+    ledger.forget({"never-seen"})
+    assert held(ledger) == {"a": IMAGES}

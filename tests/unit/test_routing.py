@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from deployments.routing import (
@@ -258,3 +260,155 @@ def test_throughput_forgets_work_older_than_its_window():
     window.add(0.0, 1.0, 10)
     window.add(20.0, 1.0, 50)
     assert window.rate() == 50
+
+
+def test_holding_a_single_image_is_affinity():
+    # The encoder's affinity counts images: one held image is worth a little waiting.
+    assert rank([c("holder", 1.2, affinity=1), c("b", 1.0)], SETTINGS) == [["holder"], ["b"]]
+
+
+def test_of_two_replicas_holding_as_much_the_sooner_one_is_preferred():
+    ranked = rank([c("slow", 0.5, affinity=64), c("quick", 0.3, affinity=64), c("idle", 0.2)], SETTINGS)
+    assert ranked[0] == ["quick"]
+
+
+def test_a_holder_exactly_at_the_tolerance_keeps_its_affinity():
+    settings = RoutingSettings(affinity_tolerance=1.5, affinity_slack_s=0.25)
+    best_s = 2.0
+    limit_s = best_s * settings.affinity_tolerance + settings.affinity_slack_s
+    assert rank([c("holder", limit_s, affinity=64), c("b", best_s)], settings)[0] == ["holder"]
+    assert rank([c("holder", limit_s + 0.01, affinity=64), c("b", best_s)], settings)[0] == ["b"]
+
+
+def test_stats_exactly_stale_after_s_old_still_count_for_load():
+    step = {"step_s": 0.03, "batch": 1}
+    idle = estimates({"a": load(**step)})["a"]
+    at_the_limit = load(measured_at=NOW - SETTINGS.stale_after_s, running=6, **step)
+    assert estimates({"a": at_the_limit})["a"] > idle
+
+
+def test_step_times_count_for_speed_for_a_minute():
+    speed_limit_s = 6 * SETTINGS.stale_after_s  # a minute with the default settings
+    assert estimates({"a": load(step_s=0.06, batch=0, measured_at=NOW - speed_limit_s)})[
+        "a"
+    ] == pytest.approx(estimates({"a": load(step_s=0.06, batch=0)})["a"])
+    assert estimates({"a": load(step_s=0.06, batch=0, measured_at=NOW - speed_limit_s - 1)})[
+        "a"
+    ] == pytest.approx(SETTINGS.default_step_s * (50 + PREFILL_TOKEN_WEIGHT * 100))
+
+
+def test_a_replica_without_stats_is_loaded_by_the_routers_own_count():
+    # b has never reported: the 3 requests this router sent it make the batch a new one joins 4.
+    live = {"b": InFlight(requests=3, work=300)}
+    found = estimates({}, in_flight=live, replica_ids=["a", "b"])
+    unit_step_s = SETTINGS.default_step_s / (1 + C)
+    work = 50 + PREFILL_TOKEN_WEIGHT * 100
+    assert found["a"] == pytest.approx(unit_step_s * (1 + C) * work)
+    assert found["b"] == pytest.approx(unit_step_s * (4 + C) * work)
+
+
+def test_a_batch_with_free_slots_is_joined_without_waiting():
+    # 2 running of at most 8 at 40 ms a step: the new request makes 3, no wait for a slot.
+    (estimate,) = estimates({"a": load(running=2, max_running=8, step_s=0.04, batch=2)}).values()
+    assert estimate == pytest.approx(0.04 * (3 + C) / (2 + C) * (50 + PREFILL_TOKEN_WEIGHT * 100))
+
+
+def test_a_request_first_in_line_for_a_full_batch_waits_for_one_slot():
+    # 4 running of at most 4, 400 tokens left among them (100 each): the new request waits
+    # for one slot, 1/4 of the batch finishing, 100 tokens' worth of steps.
+    full = load(running=4, max_running=4, decode_tokens_pending=400, step_s=0.03, batch=4)
+    expected = 0.03 * (1 / 4 * 100 + 50 + PREFILL_TOKEN_WEIGHT * 100)
+    assert estimates({"a": full})["a"] == pytest.approx(expected)
+
+
+def test_a_replica_running_one_request_at_a_time_waits_for_it_to_finish():
+    one_slot = load(running=1, max_running=1, decode_tokens_pending=70, step_s=0.02, batch=1)
+    expected = 0.02 * (70 + 50 + PREFILL_TOKEN_WEIGHT * 100)
+    assert estimates({"a": one_slot})["a"] == pytest.approx(expected)
+
+
+def test_a_replica_that_does_not_report_its_kv_cache_size_takes_the_request():
+    (a,) = decoder_candidates(
+        ["a"], {"a": load(kv_cache_tokens=0, kv_cache_usage=0.99)}, {}, {}, JOB, NOW, SETTINGS
+    )
+    assert a.fits
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [1, JOB.prompt_tokens + JOB.max_new_tokens - 1])
+def test_a_kv_cache_smaller_than_the_request_never_takes_it(kv_cache_tokens):
+    (a,) = decoder_candidates(["a"], {"a": load(kv_cache_tokens=kv_cache_tokens)}, {}, {}, JOB, NOW, SETTINGS)
+    assert not a.fits
+
+
+def test_a_request_that_fills_the_kv_cache_exactly_to_the_limit_fits():
+    settings = RoutingSettings(kv_usage_limit=0.75)
+    needed_tokens = JOB.prompt_tokens + JOB.max_new_tokens
+    exactly = load(kv_cache_tokens=needed_tokens * 4, kv_cache_usage=0.5)  # 0.5 + 1/4 = 0.75
+    (a,) = decoder_candidates(["a"], {"a": exactly}, {}, {}, JOB, NOW, settings)
+    assert a.fits
+
+
+def encoder_estimates(loads, replica_ids, images=1) -> dict[str, float]:
+    hashes = [f"{i:064x}" for i in range(images)]
+    candidates = encoder_candidates(replica_ids, loads, {}, {}, hashes, NOW, SETTINGS)
+    return {x.replica_id: x.estimate_s for x in candidates}
+
+
+def test_an_encoder_is_as_fast_as_it_measured_for_a_minute():
+    speed_limit_s = 6 * SETTINGS.stale_after_s
+    for age_s in (0.0, 5.0, speed_limit_s):
+        loads = {"a": EncoderLoad(measured_at=NOW - age_s, images_per_s=20)}
+        assert encoder_estimates(loads, ["a"], images=4) == {"a": pytest.approx(4 / 20)}
+    older = {"a": EncoderLoad(measured_at=NOW - speed_limit_s - 1, images_per_s=20)}
+    assert encoder_estimates(older, ["a"], images=4) == {
+        "a": pytest.approx(4 / SETTINGS.default_images_per_s)
+    }
+
+
+def test_an_encoder_without_stats_takes_the_median_rate_of_the_others():
+    loads = {
+        "a": EncoderLoad(measured_at=NOW, images_per_s=20),
+        "b": EncoderLoad(measured_at=NOW, images_per_s=40),
+    }
+    found = encoder_estimates(loads, ["a", "b", "new"], images=3)
+    assert found["new"] == pytest.approx(3 / statistics.median([20, 40]))
+
+
+def test_a_key_remembers_every_replica_it_was_sent_to():
+    index = AffinityIndex()
+    index.record(["image"], "a")
+    index.record(["image"], "b")
+    index.record(["image"], "a")
+    assert index.holders(["image"]) == {"a": 1, "b": 1}
+
+
+def test_a_record_at_the_same_instant_adds_no_busy_time():
+    window = ThroughputWindow(window_s=30, max_step_s=2)
+    window.record(1000.0, 0, busy=True)
+    window.record(1000.5, 50, busy=True)
+    window.record(1000.5, 50, busy=True)
+    assert window.rate() == pytest.approx(100.0)
+
+
+def test_throughput_measures_each_step_from_the_previous_record():
+    window = ThroughputWindow(window_s=30, max_step_s=2)
+    window.record(1000.0, 0, busy=True)
+    window.record(1000.5, 10, busy=True)  # 20/s
+    window.record(1002.5, 100, busy=True)  # a step of exactly max_step_s: 50/s
+    assert window.rate() == pytest.approx(110 / 2.5)
+    assert window.mean_step() == pytest.approx((2.5 / 2, 110 / 2))
+
+
+def test_work_exactly_window_s_old_is_still_counted():
+    window = ThroughputWindow(window_s=10)
+    window.add(0.0, 1.0, 10)
+    window.add(10.0, 1.0, 50)
+    assert window.rate() == pytest.approx(60 / 2)
+
+
+def test_a_window_with_nothing_recorded_has_no_rate_and_no_step():
+    window = ThroughputWindow()
+    assert window.rate() == 0.0
+    assert window.mean_step() == (0.0, 0.0)
+    window.record(1000.0, 10, busy=True)  # the first record only starts the clock
+    assert window.rate() == 0.0
