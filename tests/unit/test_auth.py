@@ -1,13 +1,17 @@
 """API keys: who gets in, what the refusal says, and that no key is ever echoed."""
 
+import re
+
 import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from serve import ingress
 from serve.auth import API_KEYS_ENV, ApiKeyMiddleware, Unauthorized, api_keys, check_api_key
 from serve.config import AppConfig
+from tests.unit.ingress_app import ingress_client
 
 KEYS = (b"sk-first-key", b"sk-second-key")
 
@@ -86,3 +90,37 @@ def test_the_refusal_is_an_openai_error_and_health_stays_open(client):
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-second-key"}).text == "ok"
     wrong = client.get("/v1/models", headers={"Authorization": "Bearer sk-guess"})
     assert wrong.status_code == 401 and "sk-guess" not in wrong.text
+
+
+def concrete(path: str) -> str:
+    """A path a route template matches: /v1/{operation:path} -> /v1/embeddings."""
+    return re.sub(r"\{[^}]*\}", "embeddings", path)
+
+
+def test_every_route_of_the_ingress_but_health_wants_a_key(monkeypatch):
+    """The real ingress app (serve.ingress), its middleware as the replica runs it."""
+    routes = [
+        (method, concrete(route.path))
+        for route in ingress.app.routes
+        for method in sorted(getattr(route, "methods", None) or ["GET"])
+        if route.path != "/health"
+    ]
+    # The API the README lists is among them, so none of it is left out of what is checked.
+    paths = {path for _, path in routes}
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"} <= paths
+    with ingress_client(monkeypatch, keys=KEYS) as client:
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer sk-wrong-key"}):
+                refused = client.request(method, path, headers=headers, json={})
+                assert refused.status_code == 401, (method, path, headers, refused.text)
+                assert refused.headers["www-authenticate"] == "Bearer"
+                if method == "HEAD":
+                    continue  # no body
+                error = refused.json()["error"]
+                assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        # /health answers without a key (the stand-in replica's stages are all up)...
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        # ... and a right key reaches the routes: the 401s above are the key's, nothing else's.
+        served = client.post("/v1/embeddings", headers={"Authorization": "Bearer sk-first-key"}, json={})
+        assert served.status_code == 400 and served.json()["error"]["code"] == "unsupported_operation"

