@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> bool:
-    """Whether `predicate` came true within `timeout_s`."""
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, interval_s: float = 0.2) -> bool:
+    """Whether `predicate` came true within `timeout_s` (asked every `interval_s`)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.2)
+        time.sleep(interval_s)
     return False

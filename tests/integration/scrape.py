@@ -36,8 +36,23 @@ def by_label(samples, name: str, label: str, **labels: str) -> dict[str, float]:
     return sums
 
 
-def settled(url: str, prefixes=("ray_serve_deployment_request_counter", "ray_ministral_"), timeout_s=30.0):
-    """Samples once the counters named by `prefixes` stop moving (exports lag requests by a second or two)."""
+# Ray exports every process's metrics this often in the suite (tests/ray_instance.py sets
+# RAY_metrics_report_interval_ms to 1000).
+EXPORT_INTERVAL_S = 1.0
+
+
+def settled(
+    url: str,
+    prefixes=("ray_serve_deployment_request_counter", "ray_ministral_"),
+    quiet_exports: int = 3,
+    timeout_s: float = 30.0,
+):
+    """Samples once the counters named by `prefixes` have not moved for `quiet_exports` export
+    intervals (every process exported at least that many times meanwhile), polled twice an
+    interval; the last ones after `timeout_s`.
+
+    For a baseline, and for what should not have moved: a count that is expected to move is
+    waited for with `reached`."""
 
     def watched(samples):
         return sorted(
@@ -46,14 +61,16 @@ def settled(url: str, prefixes=("ray_serve_deployment_request_counter", "ray_min
             if name.startswith(prefixes)
         )
 
-    previous = watched(scrape(url))
-    deadline = time.monotonic() + timeout_s
-    while True:
-        time.sleep(2.5)
-        samples = scrape(url)
-        if watched(samples) == previous or time.monotonic() > deadline:
-            return samples
-        previous = watched(samples)
+    samples = scrape(url)
+    quiet_since = time.monotonic()
+    deadline = quiet_since + timeout_s
+    while time.monotonic() - quiet_since < quiet_exports * EXPORT_INTERVAL_S and time.monotonic() < deadline:
+        time.sleep(EXPORT_INTERVAL_S / 2)
+        latest = scrape(url)
+        if watched(latest) != watched(samples):
+            quiet_since = time.monotonic()
+        samples = latest
+    return samples
 
 
 def reached(url: str, condition, timeout_s: float = 30.0):

@@ -1,6 +1,9 @@
-"""A client that goes away mid-stream frees its request in the engine."""
+"""A client that goes away frees its request in the engine: mid-stream, or while it waits for a
+whole reply."""
 
 import json
+import socket
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -38,6 +41,30 @@ def test_disconnect_aborts_the_engine_request(service, decoder_handle):
     # The connection is closed here, long before 1900 tokens: generating the rest would take the
     # demo engine about 17 s (9 ms a token, more on a slower machine), so a request still in the
     # engine after 5 s was not aborted.
+    assert wait_for(lambda: unfinished(decoder_handle) == 0, timeout_s=ABORT_WITHIN_S), (
+        "the engine kept generating for a gone client"
+    )
+
+
+def test_a_client_gone_before_its_whole_reply_frees_the_engine_request(service, decoder_handle):
+    assert wait_for(lambda: unfinished(decoder_handle) == 0)
+    body = json.dumps(
+        {
+            "model": service.model,
+            "messages": [{"role": "user", "content": "Go on forever."}],
+            "max_tokens": 1900,
+            "ignore_eos": True,
+        }
+    ).encode()
+    address = urlsplit(service.base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as client:
+        client.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert wait_for(lambda: unfinished(decoder_handle) == 1, timeout_s=30)
+    # Gone with nothing read (the reply would take about 17 s).
     assert wait_for(lambda: unfinished(decoder_handle) == 0, timeout_s=ABORT_WITHIN_S), (
         "the engine kept generating for a gone client"
     )

@@ -8,6 +8,11 @@ instead of waiting, within the time limit, for Serve to start a replacement
 on a loaded machine (in a full run that took more than 12 s); recovery by
 replacement is the decoder's test. Every request here has a client-side
 limit (`HANG_S`): one that reaches it counts as hung, and fails the test.
+
+The encoder waits `ENCODER_BATCH_WAIT_S` for a batch to fill, so that a new
+image stays in its replica long enough for a test to find it there: the
+lost-encoder test kills the replica that holds a request, not one picked on
+a timer.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from serve.config import AppConfig
 from tests.image_server import data_url, image_bytes
 from tests.integration.conftest import run_behind_the_front_door
 from tests.integration.replicas import replica_names
+from tests.integration.scrape import by_label, reached, settled
 from tests.polling import wait_for
 
 APP = "faults"
@@ -38,6 +44,11 @@ DECODER_SLOTS = 2
 DECODER_QUEUE = 2
 TIME_LIMIT_S = 12.0
 RETRY_AFTER_S = 2
+ENCODER_BATCH_WAIT_S = 1.0
+ROUTING_STATS_PERIOD_S = 0.5
+# The decoder's graceful_shutdown_timeout_s: well inside the time limit, so that the stream cut by
+# the shutdown is told from one cut by the limit.
+DECODER_GRACE_S = 4.0
 # A request still unanswered after this long is hung.
 HANG_S = 60.0
 
@@ -52,6 +63,8 @@ class Outcome:
     tokens: int = 0
     seconds_to_status: float = 0.0
     retry_after: str | None = None
+    seconds_to_end: float = 0.0
+    ended_at: float = 0.0  # time.monotonic() when its response ended
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +80,8 @@ def faults_url(ray_cluster, demo_checkpoint, image_server):
             "images": {"allow_private_networks": True, "allowed_ports": [], "fetch_timeout_s": 5.0},
             "limits": {"request_timeout_s": TIME_LIMIT_S, "retry_after_s": RETRY_AFTER_S},
             "use_default_system_prompt": False,
+            "encoder": {"max_batch_size": 16, "batch_wait_timeout_s": ENCODER_BATCH_WAIT_S},
+            "routing": {"stats_period_s": ROUTING_STATS_PERIOD_S},
             "deployments": {
                 "ingress": {"num_cpus": 0},
                 "preprocess": {"num_replicas": 2, "num_cpus": 0, "health_check_period_s": 1},
@@ -76,6 +91,7 @@ def faults_url(ray_cluster, demo_checkpoint, image_server):
                     "max_ongoing_requests": DECODER_SLOTS,
                     "max_queued_requests": DECODER_QUEUE,
                     "health_check_period_s": 1,
+                    "graceful_shutdown_timeout_s": DECODER_GRACE_S,
                 },
             },
         }
@@ -107,8 +123,11 @@ def unique_image(i: int) -> str:
     return data_url(image_bytes(size=(64, 48), color=(i * 37 % 256, i * 91 % 256, 200)))
 
 
-def send(base_url: str, payload: dict) -> Outcome:
-    """One request, to its end: completed (tokens counted), an error (status or error event), or hung."""
+def send(base_url: str, payload: dict, answered: threading.Event | None = None) -> Outcome:
+    """One request, to its end: completed (tokens counted), an error (status or error event), or hung.
+
+    `answered` is set once the response's status has arrived (for a stream: its first chunk
+    was generated)."""
     started = time.monotonic()
     try:
         with (
@@ -116,6 +135,8 @@ def send(base_url: str, payload: dict) -> Outcome:
             http.stream("POST", f"{base_url}/v1/chat/completions", json=payload) as response,
         ):
             to_status = time.monotonic() - started
+            if answered is not None:
+                answered.set()
             retry_after = response.headers.get("retry-after")
             if response.status_code != 200:
                 error = json.loads(response.read())["error"]
@@ -123,7 +144,14 @@ def send(base_url: str, payload: dict) -> Outcome:
                 return Outcome("error", response.status_code, error["code"], 0, to_status, retry_after)
             if not payload["stream"]:
                 usage = json.loads(response.read())["usage"]
-                return Outcome("completed", 200, None, usage["completion_tokens"], to_status)
+                return Outcome(
+                    "completed",
+                    200,
+                    None,
+                    usage["completion_tokens"],
+                    to_status,
+                    seconds_to_end=time.monotonic() - started,
+                )
             tokens, done = 0, False
             for line in response.iter_lines():
                 if line == "data: [DONE]":
@@ -131,10 +159,17 @@ def send(base_url: str, payload: dict) -> Outcome:
                 elif line.startswith("data: "):
                     event = json.loads(line[len("data: ") :])
                     if "error" in event:
-                        return Outcome("error", 200, event["error"]["code"] or event["error"]["type"])
+                        code = event["error"]["code"] or event["error"]["type"]
+                        return Outcome("error", 200, code, ended_at=time.monotonic())
                     if event.get("usage"):
                         tokens = event["usage"]["completion_tokens"]
-            return Outcome("completed" if done else "error", 200, None if done else "cut", tokens, to_status)
+            if not done:
+                return Outcome(
+                    "error", 200, "cut", tokens, to_status, seconds_to_end=time.monotonic() - started
+                )
+            return Outcome(
+                "completed", 200, None, tokens, to_status, seconds_to_end=time.monotonic() - started
+            )
     except httpx.TimeoutException:
         return Outcome("hung")
 
@@ -193,10 +228,13 @@ def test_a_full_decoder_queue_answers_429_at_once_and_the_accepted_requests_comp
     assert refused, (
         f"ten requests at once fit in {DECODER_SLOTS} slots and a queue of {DECODER_QUEUE}: {kinds}"
     )
+    # At once: before any accepted request has finished, that is before a slot or a queue place
+    # could have freed up for a refused request to wait for.
+    first_finished_s = min(o.seconds_to_end for o in accepted)
     for outcome in refused:
         assert outcome.code == "overloaded"
         assert outcome.retry_after == str(RETRY_AFTER_S)
-        assert outcome.seconds_to_status < 1.0, outcome
+        assert outcome.seconds_to_status < first_finished_s, (outcome, first_finished_s)
     assert all(o.tokens == 48 for o in accepted), accepted
 
 
@@ -207,10 +245,77 @@ def test_a_request_past_the_time_limit_is_stopped_in_the_engine(faults_url):
         faults_url, [chat("Go on.", 4000, stream=True), chat("Go on.", 4000, stream=False)]
     )
     elapsed = time.monotonic() - started
-    assert streamed == Outcome("error", 200, "request_timeout"), streamed
+    assert (streamed.kind, streamed.status, streamed.code) == ("error", 200, "request_timeout"), streamed
     assert (whole.kind, whole.status, whole.code) == ("error", 504, "request_timeout"), whole
     assert TIME_LIMIT_S <= elapsed < TIME_LIMIT_S + 10
+
+
+def test_the_time_limit_counts_from_arrival_not_from_decoding(faults_url, image_server):
+    # Its image takes 4 s to fetch: the engine gets what is left of the limit, not all of it.
+    image = image_content(image_server.url("slow/4?time-limit"))
+    started = time.monotonic()
+    outcome = send(faults_url, chat(image, 4000, stream=False))
+    elapsed = time.monotonic() - started
+    assert (outcome.kind, outcome.status, outcome.code) == ("error", 504, "request_timeout"), outcome
+    assert TIME_LIMIT_S <= elapsed < TIME_LIMIT_S + 3, elapsed
     assert wait_for(lambda: unfinished_in_engine() == 0, timeout_s=10), "the engine kept generating"
+
+
+ENCODED = "ray_ministral_encoder_images_encoded_total"
+CACHE_HITS = "ray_ministral_encoder_cache_hits_total"
+
+
+def per_encoder_replica(samples, name: str) -> dict[str, float]:
+    return by_label(samples, name, "replica", application=APP)
+
+
+def increase(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {
+        replica: after[replica] - before.get(replica, 0.0)
+        for replica in after
+        if after[replica] > before.get(replica, 0.0)
+    }
+
+
+def encoder_replica(replica_id: str) -> str:
+    """The actor name of the encoder replica a metric's `replica` label names."""
+    (name,) = [name for name in replica_names(APP, "Encoder") if name.endswith(f"#{replica_id}")]
+    return name
+
+
+def test_images_go_where_their_embedding_is_and_new_ones_to_the_less_loaded_encoder(faults_url, ray_cluster):
+    assert len(replica_names(APP, "Encoder")) == 2
+    known, new, another = (image_content(unique_image(i))[1:] for i in (1000, 1001, 1002))
+
+    def counts(*names):
+        samples = settled(ray_cluster.metrics_url)
+        return [per_encoder_replica(samples, name) for name in names]
+
+    encoded_before, hits_before = counts(ENCODED, CACHE_HITS)
+    assert send(faults_url, chat(known, 2, stream=False)).kind == "completed"
+    encoded = reached(
+        ray_cluster.metrics_url,
+        lambda samples: sum(per_encoder_replica(samples, ENCODED).values()) > sum(encoded_before.values()),
+    )
+    (holder,) = increase(encoded_before, per_encoder_replica(encoded, ENCODED))
+    # The routers poll each replica's stats every ROUTING_STATS_PERIOD_S: the holder's measured
+    # speed and its cache reach them (nothing to wait on but their period).
+    time.sleep(3 * ROUTING_STATS_PERIOD_S)
+
+    with ThreadPoolExecutor(3) as pool:
+        # The known image and a new one: the holder has half of it, so it goes there, and its new
+        # image waits ENCODER_BATCH_WAIT_S in the holder.
+        loading = pool.submit(send, faults_url, chat([*known, *new], 2, stream=False))
+        assert wait_for(lambda: ongoing_requests(encoder_replica(holder)) > 0, interval_s=0.05)
+        # Meanwhile: the known image again, still worth the holder's short queue; a new one, not.
+        repeated = pool.submit(send, faults_url, chat(known, 2, stream=False))
+        fresh = pool.submit(send, faults_url, chat(another, 2, stream=False))
+        assert [f.result().kind for f in (loading, repeated, fresh)] == ["completed"] * 3
+
+    encoded_after, hits_after = counts(ENCODED, CACHE_HITS)
+    assert increase(hits_before, hits_after) == {holder: 2}
+    (other,) = {name.rsplit("#", 1)[1] for name in replica_names(APP, "Encoder")} - {holder}
+    assert increase(encoded_before, encoded_after) == {holder: 2, other: 1}
 
 
 def fetching_process(image_server) -> int | None:
@@ -240,27 +345,52 @@ def test_a_lost_preprocess_replica_is_retried(faults_url, image_server):
     assert max(fetches.values()) >= 2, fetches
 
 
+def ongoing_requests(replica: str) -> int:
+    """What Serve counts as in `replica` (a replica actor's name): running or waiting in it."""
+    import ray
+
+    return ray.get(ray.get_actor(replica, namespace="serve").get_num_ongoing_requests.remote(), timeout=10)
+
+
 def test_a_lost_encoder_replica_is_retried(faults_url):
-    # Requests keep arriving over the kill: some reach the dying replica, some find it gone.
-    killed: list[str] = []
-    killer = threading.Timer(1.0, kill_replica, args=("Encoder", killed))
-    killer.start()
-    outcomes = send_all(
-        faults_url, [chat(image_content(unique_image(i)), 4, stream=False) for i in range(8)], stagger_s=0.25
-    )
-    killer.join()
-    assert [o.kind for o in outcomes] == ["completed"] * 8, outcomes
-    assert killed
+    # New images: each waits ENCODER_BATCH_WAIT_S in its encoder replica, where it is killed.
+    payloads = [chat(image_content(unique_image(i)), 4, stream=i % 2 == 0) for i in range(4)]
+    holding: list[str] = []
+
+    def a_replica_holds_a_request() -> bool:
+        holding[:] = [r for r in replica_names(APP, "Encoder") if ongoing_requests(r) > 0]
+        return bool(holding)
+
+    with ThreadPoolExecutor(1) as sender:
+        sending = sender.submit(send_all, faults_url, payloads)
+        assert wait_for(a_replica_holds_a_request, timeout_s=30, interval_s=0.05)
+        import ray
+
+        ray.kill(ray.get_actor(holding[0], namespace="serve"), no_restart=True)
+        outcomes = sending.result()
+    assert [o.kind for o in outcomes] == ["completed"] * 4, outcomes
+    assert all(o.tokens == 4 for o in outcomes)
+    assert holding[0] not in replica_names(APP, "Encoder")
 
 
 def test_a_lost_decoder_ends_its_requests_with_errors_and_the_service_recovers(faults_url):
     payloads = [chat(f"Story {i}", 3000, stream=i % 2 == 0) for i in range(DECODER_SLOTS)]
-    killed: list[str] = []
-    killer = threading.Timer(2.0, kill_replica, args=("Decoder", killed))
-    killer.start()
-    outcomes = send_all(faults_url, payloads)
-    killer.join()
+    (decoder,) = replica_names(APP, "Decoder")
+    streaming = threading.Event()
+    with ThreadPoolExecutor(2) as sender:
+        sending = [
+            sender.submit(send, faults_url, payloads[0], streaming),
+            sender.submit(send, faults_url, payloads[1]),
+        ]
+        # Killed with both requests inside it, the stream answered with its first chunk.
+        assert streaming.wait(30)
+        assert wait_for(lambda: ongoing_requests(decoder) == DECODER_SLOTS, timeout_s=30, interval_s=0.05)
+        killed = [kill_replica("Decoder")]
+        outcomes = [future.result() for future in sending]
+    assert killed == [decoder]
     assert [(o.kind, o.status) for o in outcomes] == [("error", 200), ("error", 503)], outcomes
+    # The stream ends with an error event, not merely cut off.
+    assert outcomes[0].code == "service_unavailable", outcomes
     # Serve notices the lost replica at its next health check (every second here).
     seen: list[httpx.Response] = []
     assert wait_for(lambda: seen.append(health(faults_url)) or seen[-1].status_code == 503, timeout_s=15)
@@ -272,15 +402,22 @@ def test_a_lost_decoder_ends_its_requests_with_errors_and_the_service_recovers(f
     assert wait_for(lambda: unfinished_in_engine() == 0, timeout_s=10)
 
 
-def test_shutdown_drains_the_streams_in_flight(faults_url):
+def test_shutdown_drains_the_streams_in_flight_for_the_grace_period(faults_url):
     from ray import serve
 
-    outcome: list[Outcome] = []
-    stream = threading.Thread(
-        target=lambda: outcome.append(send(faults_url, chat("Last words", 100, stream=True)))
-    )
-    stream.start()
-    assert wait_for(lambda: unfinished_in_engine() == 1, timeout_s=30)
-    serve.delete(APP)
-    stream.join(HANG_S)
-    assert outcome == [Outcome("completed", 200, None, 100, outcome[0].seconds_to_status)], outcome
+    with ThreadPoolExecutor(1) as sender:
+        # A short stream, done within the decoder's grace period, and one that outlasts it.
+        sending = sender.submit(
+            send_all, faults_url, [chat("Last words", 100, stream=True), chat("Go on.", 4000, stream=True)]
+        )
+        # Asked of the replica actor: a call through the decoder's handle would wait for a slot.
+        (decoder,) = replica_names(APP, "Decoder")
+        assert wait_for(lambda: ongoing_requests(decoder) == 2, timeout_s=30, interval_s=0.05)
+        deleting = time.monotonic()
+        # It returns once the ingress has drained too, behind HAProxy 10 s at least.
+        serve.delete(APP)
+        short, long = sending.result()
+    assert (short.kind, short.tokens) == ("completed", 100), short
+    # Its error event came when the grace period ran out, before the time limit could have cut it.
+    assert (long.kind, long.code) == ("error", "service_unavailable"), long
+    assert DECODER_GRACE_S <= long.ended_at - deleting < TIME_LIMIT_S - 2, long.ended_at - deleting

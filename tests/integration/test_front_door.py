@@ -1,7 +1,7 @@
 """`ministral-serve run` as `make serve` starts it (HAProxy front door, loopback), seen from outside:
 where its processes listen, and what the front door does with a client that never finishes its
 header, with an invented HTTP method, and with its admin socket (docs/reliability.md, "Listeners
-and the front door").
+and the front door"), and what it answers past the ingress's own queue.
 
 One service, on free ports for everything that listens at a fixed one (the API, Ray's metrics,
 HAProxy's stats page and exporter), started once for the module and stopped by its process group
@@ -16,6 +16,7 @@ import re
 import socket
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from tests.ports import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 
 SERVE_HTTP_REQUESTS = "ray_serve_num_http_requests_total"
+INGRESS_SLOTS = 2
+INGRESS_QUEUE = 1
 
 
 class FrontDoorService(OurService):
@@ -96,7 +99,14 @@ def service(demo_checkpoint, tmp_path_factory):
             "model": {"source": str(demo_checkpoint), "served_name": "demo"},
             "engine": {"max_model_len": 1024, "cpu_kv_cache_space_gib": 1, "max_num_seqs": 8},
             "images": {"max_images_per_request": 0},
-            "deployments": {"ingress": {"num_cpus": 0}, "decoder": {"num_cpus": 1}},
+            "deployments": {
+                "ingress": {
+                    "num_cpus": 0,
+                    "max_ongoing_requests": INGRESS_SLOTS,
+                    "max_queued_requests": INGRESS_QUEUE,
+                },
+                "decoder": {"num_cpus": 1},
+            },
         }
     )
     with FrontDoorService(config, tmp_path_factory.mktemp("front-door") / "ours.log") as running:
@@ -189,7 +199,21 @@ def test_an_invented_method_is_refused_before_it_becomes_a_metrics_label(service
     assert "FOOBAR" not in httpx.get(service.metrics_url, timeout=10).text
 
 
-def test_haproxys_admin_socket_is_its_users_only(service):
+def test_the_running_haproxy_holds_clients_to_the_front_doors_limits(service):
+    """What HAProxy runs with, read from its live config (Ray renders it from the environment
+    `ministral-serve run` sets, at import time)."""
+    for config in running_configs(service):
+        text = config.read_text()
+        # Every section that sets them (defaults, frontends, backends) sets them to the limits.
+        assert set(re.findall(r"^\s*timeout client (\S+)$", text, re.MULTILINE)) == {
+            f"{LIMITS.client_idle_timeout_s}s"
+        }, text
+        assert set(re.findall(r"^\s*timeout http-request (\S+)$", text, re.MULTILINE)) == {
+            f"{LIMITS.request_head_timeout_s}s"
+        }, text
+
+
+def running_configs(service) -> set[Path]:
     configs = {
         Path(arguments[arguments.index("-f") + 1])
         for arguments in (
@@ -199,7 +223,11 @@ def test_haproxys_admin_socket_is_its_users_only(service):
         )
     }
     assert configs
-    for config in configs:
+    return configs
+
+
+def test_haproxys_admin_socket_is_its_users_only(service):
+    for config in running_configs(service):
         (admin_socket,) = re.findall(r"^\s*stats socket (\S+) ", config.read_text(), re.MULTILINE)
         mode = os.stat(admin_socket).st_mode
         assert stat.S_ISSOCK(mode)
@@ -207,3 +235,35 @@ def test_haproxys_admin_socket_is_its_users_only(service):
         # ... in a folder of its user's only, with the other sockets and the config.
         folder = Path(admin_socket).parent.parent
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_past_the_ingress_queue_the_front_door_answers_429_at_once(service):
+    # Eight at once: INGRESS_SLOTS run, INGRESS_QUEUE wait, the rest are refused before any has
+    # finished.
+    def ask(i: int) -> tuple[httpx.Response, float, float]:
+        started = time.monotonic()
+        with httpx.Client(timeout=120) as http:
+            response = http.post(
+                f"{service.base_url}/v1/chat/completions",
+                json={
+                    "model": "demo",
+                    "messages": [{"role": "user", "content": f"Story {i}"}],
+                    "max_tokens": 200,
+                    "ignore_eos": True,
+                },
+            )
+        return response, started, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    statuses = sorted(response.status_code for response, _, _ in answers)
+    assert set(statuses) == {200, 429}, statuses
+    assert statuses.count(200) >= INGRESS_SLOTS + INGRESS_QUEUE, statuses
+    first_finished = min(ended for response, _, ended in answers if response.status_code == 200)
+    for response, _, ended in answers:
+        if response.status_code == 429:
+            # Refused by Serve in the ingress replica's own HTTP server, not by the application:
+            # Serve's plain text (docs/reliability.md, "Overload").
+            assert ended < first_finished
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.text == "Request dropped due to backpressure"

@@ -152,7 +152,20 @@ def test_each_stage_serves_image_requests_and_text_skips_the_image_stages(servic
         [image_part(image_url("plain", (i * 20, 0, 0))), text_part(f"Image {i}")] for i in range(12)
     ]
     assert concurrently(service, image_requests) == [4] * 12
-    after_images = settled(service.metrics_url)
+    # Once every stage's count shows all 12 (and anything more that was going to move, has).
+    after_images = reached(
+        service.metrics_url,
+        lambda samples: all(
+            delta(before, samples, name, **labels) >= 12
+            for name, labels in (
+                (REQUESTS, {"deployment": "Preprocess"}),
+                (REQUESTS, {"deployment": "Encoder"}),
+                (REQUESTS, {"deployment": "Decoder"}),
+                ("ray_ministral_images_preprocessed_total", {}),
+                ("ray_ministral_encoder_images_encoded_total", {}),
+            )
+        ),
+    )
 
     # The preprocess stage served every request, on its replicas (how Serve spreads 12 requests
     # over two idle replicas is Serve's tie-breaking, not this project's: not asserted); so did

@@ -121,15 +121,14 @@ def test_a_flood_of_large_refused_tools_does_not_fill_the_grammar_cache(service)
     assert growth < RSS_GROWTH_LIMIT_MIB, f"the ingress grew {growth:.0f} MiB"
 
 
-def test_health_answers_while_a_huge_token_list_is_refused(service):
-    """A 28.6 MiB /detokenize body of 5,000,000 token ids once held /health for 2.1 s."""
-    body = FIVE_MILLION_TOKENS.replace(b'"demo"', json.dumps(service.model).encode())
+def health_latencies_while(service, send) -> tuple[httpx.Response, list[float]]:
+    """`send()`'s response, and how long each /health took, polled every 20 ms meanwhile."""
     health_latencies: list[float] = []
-    refused = threading.Event()
+    done = threading.Event()
 
     def poll_health() -> None:
         with httpx.Client(base_url=service.base_url, timeout=30) as http:
-            while not refused.is_set():
+            while not done.is_set():
                 started = time.perf_counter()
                 assert http.get("/health").status_code == 200
                 health_latencies.append(time.perf_counter() - started)
@@ -139,17 +138,43 @@ def test_health_answers_while_a_huge_token_list_is_refused(service):
     poller.start()
     try:
         time.sleep(0.3)
-        response = httpx.post(
+        response = send()
+        time.sleep(0.3)
+    finally:
+        done.set()
+        poller.join(timeout=30)
+    assert len(health_latencies) >= 10
+    return response, health_latencies
+
+
+def test_health_answers_while_a_huge_token_list_is_refused(service):
+    """A 28.6 MiB /detokenize body of 5,000,000 token ids once held /health for 2.1 s."""
+    body = FIVE_MILLION_TOKENS.replace(b'"demo"', json.dumps(service.model).encode())
+    response, health_latencies = health_latencies_while(
+        service,
+        lambda: httpx.post(
             f"{service.base_url}/detokenize",
             content=body,
             headers={"Content-Type": "application/json"},
             timeout=60,
-        )
-        time.sleep(0.3)
-    finally:
-        refused.set()
-        poller.join(timeout=30)
+        ),
+    )
     assert response.status_code == 400, response.text[:300]
     assert response.json()["error"]["param"] == "tokens"
-    assert len(health_latencies) >= 10
     assert max(health_latencies) < 0.25, f"/health took up to {max(health_latencies) * 1000:.0f} ms"
+
+
+def test_health_answers_while_a_huge_text_is_tokenized(service):
+    """Tokenising more than TOKENIZE_INLINE_CHARS runs off the ingress's event loop: this text
+    takes the tokeniser about 5 s, which inline would be a 5 s stall of /health (the tokeniser
+    holds the GIL in stretches, hence a looser bound than for parsing)."""
+    text = " ".join(f"word{i}" for i in range(1_500_000))  # about 15 MB, well past the context
+    response, health_latencies = health_latencies_while(
+        service,
+        lambda: httpx.post(
+            f"{service.base_url}/tokenize", json={"model": service.model, "prompt": text}, timeout=120
+        ),
+    )
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert max(health_latencies) < 1.0, f"/health took up to {max(health_latencies) * 1000:.0f} ms"

@@ -70,7 +70,8 @@ def choice_arguments(choice: str, tool_calls_token: int) -> dict:
 
 
 def check_calls(tool_calls, choice: str) -> None:
-    assert tool_calls, "no tool call"
+    # Every request here sets parallel_tool_calls: false.
+    assert len(tool_calls) == 1, tool_calls
     for call in tool_calls:
         assert call.type == "function" and call.id
         if choice == "named":
