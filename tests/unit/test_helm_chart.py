@@ -2,7 +2,9 @@
 
 Built-in kinds validate against Kubernetes' published schemas
 (kubernetes-validate); the RayService against KubeRay's CRD, the PodMonitor
-and PrometheusRule against the Prometheus Operator's (tests/data/crds/).
+and PrometheusRule against the Prometheus Operator's, the HTTPRoute against
+Gateway API's (tests/data/crds/). The helpers here (render, validate,
+kuberay_pods) serve the chart's other test files too (test_helm_*.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ CRD_FILES = {
     ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway.networking.k8s.io_httproutes.yaml",
 }
+# What every install renders besides the monitoring objects: the RayService, the front door's
+# launcher (ConfigMap), the pods' ServiceAccount, their NetworkPolicy and PodDisruptionBudgets.
+BASE_KINDS = {"RayService", "ConfigMap", "ServiceAccount", "NetworkPolicy", "PodDisruptionBudget"}
 ALL_MONITORING = {
     "monitoring": {
         "podMonitor": {"enabled": True},
@@ -51,8 +57,9 @@ def chart() -> helm.Chart:
     return helm.Chart.load(CHART)
 
 
-def render(chart: helm.Chart, values: dict | None = None) -> list[dict]:
-    manifests = chart.render({**WITH_KEYS, **(values or {})}, name="prod", namespace="llm", is_install=True)
+def render(chart: helm.Chart, values: dict | None = None, keys: bool = True) -> list[dict]:
+    values = {**WITH_KEYS, **(values or {})} if keys else (values or {})
+    manifests = chart.render(values, name="prod", namespace="llm", is_install=True)
     return [
         document
         for path, text in manifests.items()
@@ -106,6 +113,80 @@ def workers(rayservice: dict) -> dict:
     return group
 
 
+def groups(rayservice: dict) -> list[dict]:
+    """The head group and the worker groups."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+
+
+def kuberay_pods(rayservice: dict) -> list[dict]:
+    """The Pods KubeRay (1.5) makes from the RayService's templates, with what it adds to them that
+    a check of the pods must see (ray-operator/controllers/ray/common/pod.go, BuildPod and
+    DefaultWorkerPodTemplate): the autoscaler sidecar in the head, built from autoscalerOptions;
+    the workers' wait-gcs-ready init container, which copies the Ray container's securityContext,
+    env and mounts; /dev/shm as a memory emptyDir; node-type labels. Not added: its probes and the
+    env it injects (RAY_ADDRESS, RAY_AUTH_TOKEN, ...)."""
+    name = rayservice["metadata"]["name"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = []
+    for node_type, group in [("head", cluster["headGroupSpec"])] + [
+        ("worker", w) for w in cluster["workerGroupSpecs"]
+    ]:
+        template = json.loads(json.dumps(group["template"]))
+        spec = template["spec"]
+        ray = spec["containers"][0]
+        spec.setdefault("volumes", []).append({"name": "shared-mem", "emptyDir": {"medium": "Memory"}})
+        ray.setdefault("volumeMounts", []).append({"name": "shared-mem", "mountPath": "/dev/shm"})
+        if node_type == "head" and cluster.get("enableInTreeAutoscaling"):
+            options = cluster.get("autoscalerOptions", {})
+            autoscaler = {
+                "name": "autoscaler",
+                "image": options.get("image", ray["image"]),
+                "imagePullPolicy": options.get("imagePullPolicy", "IfNotPresent"),
+                "command": ["/bin/bash", "-c", "--"],
+                "args": ["ray kuberay-autoscaler --cluster-name $(RAY_CLUSTER_NAME)"],
+                "resources": {"limits": {"cpu": "500m", "memory": "512Mi"}},
+                "volumeMounts": [
+                    *options.get("volumeMounts", []),
+                    {"name": "ray-logs", "mountPath": "/tmp/ray"},
+                ],
+            }
+            if "securityContext" in options:
+                autoscaler["securityContext"] = options["securityContext"]
+            spec["containers"].append(autoscaler)
+            spec["volumes"].append({"name": "ray-logs", "emptyDir": {}})
+            ray["volumeMounts"].append({"name": "ray-logs", "mountPath": "/tmp/ray"})
+        if node_type == "worker":
+            init = {
+                "name": "wait-gcs-ready",
+                "image": ray["image"],
+                "imagePullPolicy": ray.get("imagePullPolicy"),
+                "command": ["/bin/bash", "-c", "--"],
+                "args": ["ray health-check --address $(FQ_RAY_IP):6379"],
+                "env": ray.get("env", []),
+                "volumeMounts": [m for m in ray["volumeMounts"] if m["name"] != "shared-mem"],
+                "resources": {"limits": {"cpu": "200m", "memory": "256Mi"}},
+            }
+            if "securityContext" in ray:
+                init["securityContext"] = ray["securityContext"]
+            spec.setdefault("initContainers", []).append(init)
+        labels = {
+            **template["metadata"].get("labels", {}),
+            "ray.io/node-type": node_type,
+            "ray.io/cluster": name,
+        }
+        pod_name = f"{name}-head" if node_type == "head" else f"{name}-{group['groupName']}-worker"
+        metadata = {
+            **template["metadata"],
+            "name": pod_name,
+            "namespace": rayservice["metadata"]["namespace"],
+        }
+        pods.append(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {**metadata, "labels": labels}, "spec": spec}
+        )
+    return pods
+
+
 def cpus_asked(application_args: dict) -> float:
     """Logical CPUs the application's replicas take at most, as Ray counts them."""
     config = AppConfig.model_validate(application_args)
@@ -117,19 +198,65 @@ def cpus_asked(application_args: dict) -> float:
     return total + (decoder.num_replicas or decoder.autoscaling.max_replicas) * decoder.num_cpus
 
 
-def test_the_chart_lints_clean():
-    report = helm.lint(CHART, WITH_KEYS, strict=True)
+# Every option that adds an object or changes a pod, for lint and the README.
+EVERY_OPTION = {
+    **WITH_KEYS,
+    **ALL_MONITORING,
+    "image": {"digest": "sha256:" + "0" * 64},
+    "model": {"cache": {"create": True}},
+    "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379"},
+    "rayAutoscaling": {"enabled": True},
+    "ingress": {"enabled": True, "hosts": [{"host": "llm.example.com"}]},
+    "httpRoute": {"enabled": True, "parentRefs": [{"name": "shared"}]},
+    "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}],
+}
+
+
+@pytest.mark.parametrize("values", [WITH_KEYS, EVERY_OPTION], ids=["defaults", "every-option"])
+def test_the_chart_lints_clean(values):
+    report = helm.lint(CHART, values, strict=True)
     assert report["errors"] == []
     # Severity 2 is a warning, 3 an error; 1 is advice (an icon).
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_the_readme_documents_every_value():
+    """Every key of the schema, down to the second level, has a row in the README's table."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    table = (CHART / "README.md").read_text().split("## Values")[1].split("\n## ")[0]
+    documented = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        # The key cell names its first key in full and its siblings by their last part (`.key`).
+        names = re.findall(r"`([A-Za-z.]+)`", row.split(" | ")[0])
+        parent = names[0].rpartition(".")[0]
+        documented |= {f"{parent}{name}" if name.startswith(".") else name for name in names}
+    expected = set()
+    for key, entry in schema["properties"].items():
+        children = entry.get("properties", {})
+        if key == "global":
+            continue
+        leaves = [f"{key}.{child}" for child, sub in children.items() if "properties" not in sub]
+        nested = [f"{key}.{child}" for child, sub in children.items() if "properties" in sub]
+        expected |= set(leaves) if leaves else {key}
+        # An object of objects: its objects are documented by a row of their own leaves.
+        for name in nested:
+            if not any(d.startswith(name) for d in documented):
+                expected.add(name)
+    assert sorted(expected - documented) == []
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_every_layout_renders_valid_objects_with_the_generated_serve_config(chart, name):
     objects = render(chart, {"layout": name})
-    assert [o["kind"] for o in objects] == ["RayService"]
-    rayservice = objects[0]
-    validate(rayservice)
+    assert {o["kind"] for o in objects} == BASE_KINDS
+    for manifest in objects:
+        validate(manifest)
+    rayservice = one(objects, "RayService")
+    # The pods KubeRay would make are valid Pods too.
+    for pod in kuberay_pods(rayservice):
+        validate(pod)
 
     # serveConfigV2 is the generated file, not a re-typed copy, and Ray accepts it.
     rendered = serve_config(rayservice)
@@ -147,6 +274,8 @@ def test_every_layout_renders_valid_objects_with_the_generated_serve_config(char
     # ... and the CPUs that the Serve config's replicas ask (the head offers none).
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    # ... nor GPUs, even on a GPU node.
+    assert head["rayStartParams"]["num-gpus"] == "0"
     # Ray's control plane asks for a token (KubeRay generates it).
     assert rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     worker_cpus = float(container["resources"]["limits"]["cpu"])
@@ -203,12 +332,28 @@ def test_values_that_cannot_place_the_layout_fail_rendering(chart, values, messa
 
 
 def test_without_api_keys_the_chart_renders_only_when_told_to_serve_the_api_open(chart):
-    with pytest.raises(helm.HelmRenderError, match="no API keys: the pods listen on every interface"):
+    # The defaults: no keys, not open.
+    with pytest.raises(helm.HelmRenderError) as failure:
         chart.render({}, name="prod", namespace="llm")
-    for auth in ({"allow_anonymous": True}, {"api_keys": ["sk-1"]}):
-        values = {"apiKeys": {"secretName": ""}, "serveConfig": {"applicationArgs": {"auth": auth}}}
-        (application,) = serve_config(one(render(chart, values), "RayService"))["applications"]
-        assert application["args"]["auth"] == auth
+    message = str(failure.value)
+    assert "no API keys: every Ray pod serves the API on 0.0.0.0:8000" in message
+    assert "Set apiKeys.secretName" in message and "or auth.allowAnonymous: true" in message
+    # Open on purpose: the Serve config is told too, so the service itself knows.
+    (application,) = serve_config(
+        one(render(chart, {"auth": {"allowAnonymous": True}}, keys=False), "RayService")
+    )["applications"]
+    assert application["args"]["auth"] == {"allow_anonymous": True}
+    # Keys in the Serve config itself count as keys.
+    values = {"serveConfig": {"applicationArgs": {"auth": {"api_keys": ["sk-1"]}}}}
+    (application,) = serve_config(one(render(chart, values, keys=False), "RayService"))["applications"]
+    assert application["args"]["auth"] == {"api_keys": ["sk-1"]}
+    # One name for "open": the Serve config's own flag alone is refused, naming the value to set.
+    with pytest.raises(helm.HelmRenderError, match=r"set auth\.allowAnonymous: true instead"):
+        chart.render(
+            {"serveConfig": {"applicationArgs": {"auth": {"allow_anonymous": True}}}},
+            name="prod",
+            namespace="llm",
+        )
 
 
 def test_overrides_are_merged_into_the_generated_config(chart):
@@ -241,9 +386,9 @@ def test_overrides_are_merged_into_the_generated_config(chart):
             "key": "api-keys",
         }
         assert "HF_TOKEN" not in env
-        assert container["volumeMounts"] == [{"name": "model-cache", "mountPath": "/models"}]
-        assert pod["volumes"] == [
-            {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+        assert {"name": "model-cache", "mountPath": "/models"} in container["volumeMounts"]
+        assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}} in pod[
+            "volumes"
         ]
         assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -254,7 +399,8 @@ def test_each_monitoring_toggle_adds_only_its_objects(chart, toggle):
     objects = render(chart, {"monitoring": {toggle: {"enabled": True}}})
     for manifest in objects:
         validate(manifest)
-    assert {o["kind"] for o in objects} == {"RayService"} | kinds[toggle]
+    assert {o["kind"] for o in objects} == BASE_KINDS | kinds[toggle]
+    assert len([o for o in objects if o["kind"] == "ConfigMap"]) == 1 + 3 * (toggle == "dashboards")
 
 
 def test_the_pod_monitor_selects_every_ray_pod_on_its_metrics_port(chart):
@@ -317,8 +463,34 @@ def test_a_packaged_chart_carries_the_files_its_symlinks_point_at(tmp_path):
     packaged = helm.Chart.load_archive(archive.read_bytes())
     names = {entry["name"] for entry in packaged.files}
     assert "files/serve-configs/cluster-needs.json" in names
+    assert "files/serve-configs/front-door.json" in names
     assert "files/dashboards/overview.json" in names
     assert not any(name.endswith(".py") for name in names)
     assert render(packaged, {"layout": "4gpu-dp", **ALL_MONITORING}) == render(
         helm.Chart.load(CHART), {"layout": "4gpu-dp", **ALL_MONITORING}
     )
+
+
+def test_monitoring_labels_reach_every_monitoring_object(chart):
+    # kube-prometheus-stack's Prometheus picks monitors and rules by its `release` label.
+    values = {
+        "monitoring": {
+            "labels": {"release": "kube-prometheus-stack", "team": "llm"},
+            "podMonitor": {"enabled": True, "labels": {"team": "serving"}},
+            "prometheusRule": {"enabled": True},
+            "dashboards": {"enabled": True},
+        }
+    }
+    objects = render(chart, values)
+    monitoring = [o for o in objects if o["kind"] in {"PodMonitor", "PrometheusRule"}]
+    monitoring += [o for o in objects if o["kind"] == "ConfigMap" and "-dashboard-" in o["metadata"]["name"]]
+    assert len(monitoring) == 5
+    for manifest in monitoring:
+        validate(manifest)
+        assert manifest["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # An object's own labels win over the common ones.
+    assert one(objects, "PodMonitor")["metadata"]["labels"]["team"] == "serving"
+    assert one(objects, "PrometheusRule")["metadata"]["labels"]["team"] == "llm"
+    # The Ray pods do not carry them.
+    for group in groups(one(objects, "RayService")):
+        assert "release" not in group["template"]["metadata"]["labels"]

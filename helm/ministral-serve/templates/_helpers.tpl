@@ -18,6 +18,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* metadata of every object but the RayService: name (a suffix to the full name), namespace, labels. */}}
+{{- define "ministral-serve.metadata" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 -}}
+name: {{ include "ministral-serve.fullname" $root }}{{ with $suffix }}-{{ . }}{{ end }}
+namespace: {{ $root.Release.Namespace }}
+labels:
+  {{- include "ministral-serve.labels" $root | nindent 2 }}
+{{- end -}}
+
 {{/* What the layout asks of the cluster (serve/configs/cluster-needs.json). */}}
 {{- define "ministral-serve.needs" -}}
 {{- $all := .Files.Get "files/serve-configs/cluster-needs.json" | fromJson -}}
@@ -27,15 +37,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- index $all .Values.layout | toJson -}}
 {{- end -}}
 
+{{/* The front door as `ministral-serve run` sets it up (serve/configs/front-door.json, from serve/front_door.py). */}}
+{{- define "ministral-serve.frontDoor" -}}
+{{- .Files.Get "files/serve-configs/front-door.json" -}}
+{{- end -}}
+
 {{/*
 The layout's generated Serve config with the values' overrides applied:
-serveConfig.applicationArgs deep-merged into the application's args, then model.source.
+serveConfig.applicationArgs deep-merged into the application's args, then
+model.source and auth.allowAnonymous.
 */}}
 {{- define "ministral-serve.serveConfig" -}}
 {{- $config := .Files.Get (printf "files/serve-configs/%s.yaml" .Values.layout) | fromYaml -}}
 {{- $application := index $config.applications 0 -}}
 {{- $args := mergeOverwrite (deepCopy $application.args) (deepCopy .Values.serveConfig.applicationArgs) -}}
 {{- $_ := set $args "model" (mergeOverwrite (deepCopy (default (dict) $args.model)) (dict "source" .Values.model.source)) -}}
+{{- if .Values.auth.allowAnonymous -}}
+{{- $_ := set $args "auth" (mergeOverwrite (deepCopy (default (dict) $args.auth)) (dict "allow_anonymous" true)) -}}
+{{- end -}}
 {{- $_ := set $application "args" $args -}}
 {{- $_ := set $config "applications" (list $application) -}}
 {{- toYaml $config -}}
@@ -53,9 +72,44 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* Environment of every Ray container: the model cache, the Hugging Face token, the API keys. */}}
+{{/* The model cache volume's claim: an existing one, the chart's own, or none. */}}
+{{- define "ministral-serve.modelClaim" -}}
+{{- if .Values.model.cache.create -}}
+{{ include "ministral-serve.fullname" . }}-models
+{{- else -}}
+{{ .Values.model.cache.persistentVolumeClaim }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment of every Ray container: the front door as `ministral-serve run`
+sets it, the model cache, the Hugging Face token, the API keys, then
+extraEnv (which may change only the front door's tunable variables).
+*/}}
 {{- define "ministral-serve.env" -}}
-{{- if .Values.model.cache.persistentVolumeClaim }}
+{{- $frontDoor := include "ministral-serve.frontDoor" . | fromJson -}}
+{{- $environment := index $frontDoor.environment .Values.frontDoor -}}
+{{- $overrides := dict -}}
+{{- $extra := list -}}
+{{- range .Values.extraEnv -}}
+{{- if hasKey $environment .name -}}
+{{- if not (has .name $frontDoor.tunable) -}}
+{{- fail (printf "extraEnv sets %s, which the front door fixes (serve/front_door.py); it may change only %s" .name (join ", " $frontDoor.tunable)) -}}
+{{- end -}}
+{{- $_ := set $overrides .name . -}}
+{{- else -}}
+{{- $extra = append $extra . -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := keys $environment | sortAlpha }}
+{{- if hasKey $overrides $name }}
+- {{ index $overrides $name | toJson }}
+{{- else }}
+- name: {{ $name }}
+  value: {{ index $environment $name | quote }}
+{{- end }}
+{{- end }}
+{{- if include "ministral-serve.modelClaim" . }}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.model.cache.mountPath | quote }}
 {{- end }}
@@ -73,36 +127,103 @@ annotations:
       name: {{ . }}
       key: {{ $.Values.apiKeys.key }}
 {{- end }}
+{{- range $extra }}
+- {{ toJson . }}
+{{- end }}
 {{- end -}}
 
 {{- define "ministral-serve.volumeMounts" -}}
-{{- if .Values.model.cache.persistentVolumeClaim }}
-volumeMounts:
-  - name: model-cache
-    mountPath: {{ .Values.model.cache.mountPath }}
+{{- range .Values.writableDirs }}
+- name: {{ .name }}
+  mountPath: {{ .mountPath }}
+{{- end }}
+{{- if eq .Values.frontDoor "haproxy" }}
+- name: front-door
+  mountPath: {{ (include "ministral-serve.frontDoor" . | fromJson).launcher.path | dir }}
+  readOnly: true
+{{- end }}
+{{- if include "ministral-serve.modelClaim" . }}
+- name: model-cache
+  mountPath: {{ .Values.model.cache.mountPath }}
 {{- end }}
 {{- end -}}
 
+{{/* The pod spec fields head and workers share. Argument: (list $ "head"|"worker"). */}}
 {{- define "ministral-serve.podSpecCommon" -}}
+{{- $ := index . 0 -}}
+{{- $nodeType := index . 1 -}}
+{{- with $.Values.securityContext }}
 securityContext:
-  runAsNonRoot: true
-  runAsUser: 1000
-  runAsGroup: 100
-  fsGroup: 100
-{{- with .Values.imagePullSecrets }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+serviceAccountName: {{ include "ministral-serve.serviceAccountName" $ }}
+automountServiceAccountToken: {{ $.Values.serviceAccount.automountServiceAccountToken }}
+{{- with $.Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with $.Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- if .Values.model.cache.persistentVolumeClaim }}
 volumes:
+  {{- range $.Values.writableDirs }}
+  - name: {{ .name }}
+    emptyDir: {{ with .sizeLimit }}{sizeLimit: {{ . }}}{{ else }}{}{{ end }}
+  {{- end }}
+  {{- if eq $.Values.frontDoor "haproxy" }}
+  - name: front-door
+    configMap:
+      name: {{ include "ministral-serve.fullname" $ }}-front-door
+      defaultMode: 0555
+  {{- end }}
+  {{- with include "ministral-serve.modelClaim" $ }}
   - name: model-cache
     persistentVolumeClaim:
-      claimName: {{ .Values.model.cache.persistentVolumeClaim }}
-{{- end }}
+      claimName: {{ . }}
+  {{- end }}
+  {{- if and (eq $nodeType "head") $.Values.rayAutoscaling.enabled (not $.Values.serviceAccount.automountServiceAccountToken) }}
+  # The Kubernetes API credentials of KubeRay's autoscaler sidecar alone
+  # (autoscalerOptions.volumeMounts), as the kubelet would mount them in every container.
+  - name: autoscaler-api-access
+    projected:
+      defaultMode: 0444
+      sources:
+        - serviceAccountToken:
+            path: token
+            expirationSeconds: 3607
+        - configMap:
+            name: kube-root-ca.crt
+            items:
+              - {key: ca.crt, path: ca.crt}
+        - downwardAPI:
+            items:
+              - path: namespace
+                fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
+  {{- end }}
+{{- end -}}
+
+{{- define "ministral-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{ default (include "ministral-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else -}}
+{{ default "default" .Values.serviceAccount.name }}
+{{- end -}}
 {{- end -}}
 
 {{- define "ministral-serve.image" -}}
+{{- if .Values.image.digest -}}
+{{ printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else -}}
 {{ printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end -}}
+{{- end -}}
+
+{{/* A digest cannot change under a pod: pull it once. A tag can: pull it every time. */}}
+{{- define "ministral-serve.pullPolicy" -}}
+{{- default (ternary "IfNotPresent" "Always" (not (empty .Values.image.digest))) .Values.image.pullPolicy -}}
 {{- end -}}
 
 {{/* Where a group's pods go: its nodeSelector, tolerations and affinity values. */}}
