@@ -4,8 +4,15 @@
 folder and the metric catalogue's table into README.md; `--check` fails when
 the committed files differ from what this module builds. Every query names
 its metrics through serve/metrics.py's catalogue and filters on the
-dashboard's variables: `$datasource`, `$application` (Ray Serve
-application) and `$model` (the served model name).
+dashboard's variables: `$datasource`, `$namespace` (the Kubernetes namespace
+Prometheus's scrape gave the series, one per Helm release), `$application`
+(Ray Serve application) and `$model` (the served model name).
+
+Releases stay apart: every selector matches `namespace=~"$namespace"`, and
+every breakdown (`by (...)` other than a histogram's `le`) keeps `namespace`,
+so two releases' replicas and stages never add up to one line. Without
+Kubernetes the series have no namespace: the variable's All (`.*`) matches
+the empty label and the legends' `{{namespace}}` prints nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ CATALOGUE_BEGIN = "<!-- catalogue: written by `ministral-serve dashboards` -->"
 CATALOGUE_END = "<!-- end of catalogue -->"
 
 RATE = "[$__rate_interval]"
+NAMESPACE = 'namespace=~"$namespace"'
 APP = 'application=~"$application"'
 MODEL = 'model=~"$model"'
-OURS = f"{{{APP}, {MODEL}}}"
-VLLM = '{model_name=~"$model"}'
-SERVE = f"{{{APP}}}"
+OURS = f"{{{NAMESPACE}, {APP}, {MODEL}}}"
+# vLLM's series carry no application label: the namespace and the model pick them.
+VLLM = f'{{{NAMESPACE}, model_name=~"$model"}}'
+SERVE = f"{{{NAMESPACE}, {APP}}}"
 TOKENS_PER_S = "suffix: tok/s"
 
 
@@ -59,13 +68,27 @@ class DashboardSpec:
         return [panel for _, panels in self.rows for panel in panels]
 
 
+def apart(by: str) -> str:
+    """A breakdown's labels with `namespace` first: two releases' lines never merge."""
+    return f"namespace, {by}"
+
+
+def legend(labels: str) -> str:
+    """A breakdown's legend: its own labels, then the namespace (empty without Kubernetes)."""
+    return f"{labels} {{{{namespace}}}}"
+
+
+def grouped(op: str, by: str, metric: m.Metric, selector: str) -> str:
+    return f"{op} by ({apart(by)}) ({metric.series}{selector})"
+
+
 def rate(series: str, selector: str, by: str = "") -> str:
-    grouping = f" by ({by})" if by else ""
+    grouping = f" by ({apart(by)})" if by else ""
     return f"sum{grouping} (rate({series}{selector}{RATE}))"
 
 
 def quantile(q: float, metric: m.Metric, selector: str, by: str = "") -> str:
-    grouping = ", ".join(("le", by)) if by else "le"
+    grouping = ", ".join(("le", apart(by))) if by else "le"
     return f"histogram_quantile({q}, sum by ({grouping}) (rate({metric.buckets}{selector}{RATE})))"
 
 
@@ -74,7 +97,7 @@ def percentiles(metric: m.Metric, selector: str) -> tuple[Query, ...]:
 
 
 def with_status(status_pattern: str) -> str:
-    return "{" + f'{APP}, {MODEL}, status=~"{status_pattern}"' + "}"
+    return "{" + f'{NAMESPACE}, {APP}, {MODEL}, status=~"{status_pattern}"' + "}"
 
 
 def or_zero(expr: str) -> str:
@@ -87,14 +110,14 @@ REPLICAS_PER_STAGE = PanelSpec(
     "Healthy replicas per stage",
     "Replicas of each deployment that pass their health checks (Ray Serve's own gauge).",
     "short",
-    (Query(f"sum by (deployment) ({m.SERVE_REPLICA_HEALTHY.series}{SERVE})", "{{deployment}}"),),
+    (Query(grouped("sum", "deployment", m.SERVE_REPLICA_HEALTHY, SERVE), legend("{{deployment}}")),),
 )
 KV_CACHE = PanelSpec(
     "KV-cache use per decoder replica",
     "Fraction of each engine's KV-cache blocks in use (vLLM). Near 1, new requests wait and "
     "running ones may be preempted.",
     "percentunit",
-    (Query(f"max by (ReplicaId) ({m.VLLM_KV_CACHE_USAGE.series}{VLLM})", "{{ReplicaId}}"),),
+    (Query(grouped("max", "ReplicaId", m.VLLM_KV_CACHE_USAGE, VLLM), legend("{{ReplicaId}}")),),
 )
 
 OVERVIEW = DashboardSpec(
@@ -126,7 +149,7 @@ OVERVIEW = DashboardSpec(
                     "Request rate by route",
                     "Requests answered per second, by API route.",
                     "reqps",
-                    (Query(rate(m.REQUESTS.series, OURS, by="route"), "{{route}}"),),
+                    (Query(rate(m.REQUESTS.series, OURS, by="route"), legend("{{route}}")),),
                 ),
                 PanelSpec(
                     "Error rate",
@@ -179,14 +202,18 @@ STAGES = DashboardSpec(
                     "Requests each stage's replicas are working on (Ray Serve's per-replica gauge, "
                     "summed by deployment).",
                     "short",
-                    (Query(f"sum by (deployment) ({m.SERVE_PROCESSING.series}{SERVE})", "{{deployment}}"),),
+                    (
+                        Query(
+                            grouped("sum", "deployment", m.SERVE_PROCESSING, SERVE), legend("{{deployment}}")
+                        ),
+                    ),
                 ),
                 PanelSpec(
                     "Requests queued per stage",
                     "Requests waiting in a caller's handle for a replica of the stage to take them. "
                     "Growing: the stage needs more replicas.",
                     "short",
-                    (Query(f"sum by (deployment) ({m.SERVE_QUEUED.series}{SERVE})", "{{deployment}}"),),
+                    (Query(grouped("sum", "deployment", m.SERVE_QUEUED, SERVE), legend("{{deployment}}")),),
                 ),
                 REPLICAS_PER_STAGE,
             ),
@@ -239,7 +266,7 @@ STAGES = DashboardSpec(
                     "Embedding cache size",
                     "Bytes of image-token embeddings each encoder replica holds.",
                     "bytes",
-                    (Query(f"sum by (replica) ({m.ENCODER_CACHE_BYTES.series}{SERVE})", "{{replica}}"),),
+                    (Query(grouped("sum", "replica", m.ENCODER_CACHE_BYTES, SERVE), legend("{{replica}}")),),
                 ),
                 PanelSpec(
                     "Encoder forward-pass time",
@@ -318,19 +345,24 @@ REPLICAS = DashboardSpec(
                     "Generated tokens per second per decoder replica",
                     "Each decoder replica's generation throughput (vLLM's token counter).",
                     TOKENS_PER_S,
-                    (Query(rate(m.VLLM_GENERATION_TOKENS.series, VLLM, by="ReplicaId"), "{{ReplicaId}}"),),
+                    (
+                        Query(
+                            rate(m.VLLM_GENERATION_TOKENS.series, VLLM, by="ReplicaId"),
+                            legend("{{ReplicaId}}"),
+                        ),
+                    ),
                 ),
                 PanelSpec(
                     "Running requests per decoder replica",
                     "Requests in each engine's running batch.",
                     "short",
-                    (Query(f"sum by (ReplicaId) ({m.VLLM_RUNNING.series}{VLLM})", "{{ReplicaId}}"),),
+                    (Query(grouped("sum", "ReplicaId", m.VLLM_RUNNING, VLLM), legend("{{ReplicaId}}")),),
                 ),
                 PanelSpec(
                     "Waiting requests per decoder replica",
                     "Requests each engine has accepted but not yet scheduled.",
                     "short",
-                    (Query(f"sum by (ReplicaId) ({m.VLLM_WAITING.series}{VLLM})", "{{ReplicaId}}"),),
+                    (Query(grouped("sum", "ReplicaId", m.VLLM_WAITING, VLLM), legend("{{ReplicaId}}")),),
                 ),
                 KV_CACHE,
             ),
@@ -345,8 +377,8 @@ REPLICAS = DashboardSpec(
                     "short",
                     (
                         Query(
-                            f"max by (stage, routed_replica) ({m.ROUTER_REPLICA_TOKENS_PER_S.series}{SERVE})",
-                            "{{stage}} {{routed_replica}}",
+                            grouped("max", "stage, routed_replica", m.ROUTER_REPLICA_TOKENS_PER_S, SERVE),
+                            legend("{{stage}} {{routed_replica}}"),
                         ),
                     ),
                 ),
@@ -356,8 +388,8 @@ REPLICAS = DashboardSpec(
                     "short",
                     (
                         Query(
-                            f"sum by (stage, routed_replica) ({m.ROUTER_REPLICA_IN_FLIGHT.series}{SERVE})",
-                            "{{stage}} {{routed_replica}}",
+                            grouped("sum", "stage, routed_replica", m.ROUTER_REPLICA_IN_FLIGHT, SERVE),
+                            legend("{{stage}} {{routed_replica}}"),
                         ),
                     ),
                 ),
@@ -367,8 +399,8 @@ REPLICAS = DashboardSpec(
                     "percentunit",
                     (
                         Query(
-                            f"max by (routed_replica) ({m.ROUTER_REPLICA_KV_CACHE_USAGE.series}{SERVE})",
-                            "{{routed_replica}}",
+                            grouped("max", "routed_replica", m.ROUTER_REPLICA_KV_CACHE_USAGE, SERVE),
+                            legend("{{routed_replica}}"),
                         ),
                     ),
                 ),
@@ -376,7 +408,12 @@ REPLICAS = DashboardSpec(
                     "Affinity hits per second",
                     "Requests sent to the replica that held their prefix (decoder) or images (encoder).",
                     "short",
-                    (Query(or_zero(rate(m.ROUTER_AFFINITY_HITS.series, SERVE, by="stage")), "{{stage}}"),),
+                    (
+                        Query(
+                            or_zero(rate(m.ROUTER_AFFINITY_HITS.series, SERVE, by="stage")),
+                            legend("{{stage}}"),
+                        ),
+                    ),
                 ),
             ),
         ),
@@ -389,8 +426,8 @@ REPLICAS = DashboardSpec(
                     "short",
                     (
                         Query(
-                            f"sum by (deployment, replica) ({m.SERVE_PROCESSING.series}{SERVE})",
-                            "{{deployment}} {{replica}}",
+                            grouped("sum", "deployment, replica", m.SERVE_PROCESSING, SERVE),
+                            legend("{{deployment}} {{replica}}"),
                         ),
                     ),
                 ),
@@ -398,7 +435,7 @@ REPLICAS = DashboardSpec(
                     "Tokens sent per second per ingress replica",
                     "Completion tokens each ingress replica streamed back to clients.",
                     TOKENS_PER_S,
-                    (Query(rate(m.GENERATION_TOKENS.series, OURS, by="replica"), "{{replica}}"),),
+                    (Query(rate(m.GENERATION_TOKENS.series, OURS, by="replica"), legend("{{replica}}")),),
                 ),
             ),
         ),
@@ -426,9 +463,12 @@ def dashboard_json(spec: DashboardSpec) -> dict:
         .time("now-30m", "now")
         .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
     )
+    # Namespace first (one per Helm release on Kubernetes; none elsewhere, where All's `.*`
+    # matches the absent label), then the application and model found in the chosen namespaces.
     for name, label, series, key in (
-        ("application", "Application", m.SERVE_REPLICA_HEALTHY.series, "application"),
-        ("model", "Model", m.VLLM_RUNNING.series, "model_name"),
+        ("namespace", "Namespace", m.SERVE_REPLICA_HEALTHY.series, "namespace"),
+        ("application", "Application", f"{m.SERVE_REPLICA_HEALTHY.series}{{{NAMESPACE}}}", "application"),
+        ("model", "Model", f"{m.VLLM_RUNNING.series}{{{NAMESPACE}}}", "model_name"),
     ):
         board = board.with_variable(
             dashboard.QueryVariable(name)

@@ -204,6 +204,8 @@ def substituted(expr: str, service) -> str:
         expr.replace("$__rate_interval", RATE_INTERVAL)
         .replace("$application", APP_NAME)
         .replace("$model", service.model)
+        # The variable's All: this Prometheus, like any outside Kubernetes, has no namespace label.
+        .replace("$namespace", ".*")
     )
 
 
