@@ -438,7 +438,7 @@ def test_the_schema_the_image_and_the_chart_match_the_project():
     chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart_yaml["appVersion"] == project["version"]
-    assert f"ARG RAY_VERSION={ray.__version__}\n" in (ROOT / "Dockerfile").read_text()
+    assert f"ARG RAY_IMAGE=rayproject/ray:{ray.__version__}-py311-gpu\n" in (ROOT / "Dockerfile").read_text()
 
 
 def test_the_validators_refuse_what_a_cluster_would(chart):
