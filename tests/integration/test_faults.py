@@ -63,8 +63,12 @@ class Outcome:
     tokens: int = 0
     seconds_to_status: float = 0.0
     retry_after: str | None = None
-    seconds_to_end: float = 0.0
-    ended_at: float = 0.0  # time.monotonic() when its response ended
+    started_at: float = 0.0  # time.monotonic() when it was sent
+    ended_at: float = 0.0  # ... and when its response ended (0 if it hung)
+
+    @property
+    def seconds_to_end(self) -> float:
+        return self.ended_at - self.started_at
 
 
 @pytest.fixture(scope="module")
@@ -137,20 +141,18 @@ def send(base_url: str, payload: dict, answered: threading.Event | None = None) 
             to_status = time.monotonic() - started
             if answered is not None:
                 answered.set()
-            retry_after = response.headers.get("retry-after")
+
+            def ended(kind: str, status: int, code: str | None, tokens: int = 0) -> Outcome:
+                retry_after = response.headers.get("retry-after")
+                return Outcome(kind, status, code, tokens, to_status, retry_after, started, time.monotonic())
+
             if response.status_code != 200:
                 error = json.loads(response.read())["error"]
                 assert error["message"], error
-                return Outcome("error", response.status_code, error["code"], 0, to_status, retry_after)
+                return ended("error", response.status_code, error["code"])
             if not payload["stream"]:
-                usage = json.loads(response.read())["usage"]
-                return Outcome(
-                    "completed",
-                    200,
-                    None,
-                    usage["completion_tokens"],
-                    to_status,
-                    seconds_to_end=time.monotonic() - started,
+                return ended(
+                    "completed", 200, None, json.loads(response.read())["usage"]["completion_tokens"]
                 )
             tokens, done = 0, False
             for line in response.iter_lines():
@@ -159,17 +161,10 @@ def send(base_url: str, payload: dict, answered: threading.Event | None = None) 
                 elif line.startswith("data: "):
                     event = json.loads(line[len("data: ") :])
                     if "error" in event:
-                        code = event["error"]["code"] or event["error"]["type"]
-                        return Outcome("error", 200, code, ended_at=time.monotonic())
+                        return ended("error", 200, event["error"]["code"] or event["error"]["type"])
                     if event.get("usage"):
                         tokens = event["usage"]["completion_tokens"]
-            if not done:
-                return Outcome(
-                    "error", 200, "cut", tokens, to_status, seconds_to_end=time.monotonic() - started
-                )
-            return Outcome(
-                "completed", 200, None, tokens, to_status, seconds_to_end=time.monotonic() - started
-            )
+            return ended("completed", 200, None, tokens) if done else ended("error", 200, "cut", tokens)
     except httpx.TimeoutException:
         return Outcome("hung")
 
@@ -193,15 +188,11 @@ def unfinished_in_engine() -> int:
     )
 
 
-def kill_replica(deployment: str, killed: list[str] | None = None) -> str:
-    """Kill one replica of `deployment` (its first by name); its name is returned and added to `killed`."""
+def kill_replica(name: str) -> None:
+    """Kill the replica actor `name` (of `replica_names`); Serve replaces it, under a new name."""
     import ray
 
-    name = replica_names(APP, deployment)[0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    if killed is not None:
-        killed.append(name)
-    return name
 
 
 def health(base_url: str) -> httpx.Response:
@@ -364,9 +355,7 @@ def test_a_lost_encoder_replica_is_retried(faults_url):
     with ThreadPoolExecutor(1) as sender:
         sending = sender.submit(send_all, faults_url, payloads)
         assert wait_for(a_replica_holds_a_request, timeout_s=30, interval_s=0.05)
-        import ray
-
-        ray.kill(ray.get_actor(holding[0], namespace="serve"), no_restart=True)
+        kill_replica(holding[0])
         outcomes = sending.result()
     assert [o.kind for o in outcomes] == ["completed"] * 4, outcomes
     assert all(o.tokens == 4 for o in outcomes)
@@ -385,9 +374,8 @@ def test_a_lost_decoder_ends_its_requests_with_errors_and_the_service_recovers(f
         # Killed with both requests inside it, the stream answered with its first chunk.
         assert streaming.wait(30)
         assert wait_for(lambda: ongoing_requests(decoder) == DECODER_SLOTS, timeout_s=30, interval_s=0.05)
-        killed = [kill_replica("Decoder")]
+        kill_replica(decoder)
         outcomes = [future.result() for future in sending]
-    assert killed == [decoder]
     assert [(o.kind, o.status) for o in outcomes] == [("error", 200), ("error", 503)], outcomes
     # The stream ends with an error event, not merely cut off.
     assert outcomes[0].code == "service_unavailable", outcomes
@@ -396,7 +384,7 @@ def test_a_lost_decoder_ends_its_requests_with_errors_and_the_service_recovers(f
     assert wait_for(lambda: seen.append(health(faults_url)) or seen[-1].status_code == 503, timeout_s=15)
     assert seen[-1].json()["stages"]["decoder"].startswith("no running replica")
     assert seen[-1].json()["stages"]["encoder"] == "ok"
-    assert recovered(faults_url, "Decoder", killed[0]), "no healthy decoder replica came back"
+    assert recovered(faults_url, "Decoder", decoder), "no healthy decoder replica came back"
     after = send(faults_url, chat("Hello again", 4, stream=False))
     assert (after.kind, after.tokens) == ("completed", 4)
     assert wait_for(lambda: unfinished_in_engine() == 0, timeout_s=10)
