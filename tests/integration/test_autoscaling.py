@@ -128,7 +128,9 @@ def test_preprocess_scales_out_under_image_load_and_back_after_the_delay(scaling
 
 
 def test_decoder_scales_out_when_requests_wait_for_a_batch_slot(scaling_url):
-    assert replicas("Decoder") == 1
+    # The image load above can make requests wait for the decoder's 2 slots
+    # too, so the decoder may still be at 2 until its downscale delay passes.
+    assert wait_for(lambda: replicas("Decoder") == 1, timeout_s=60)
     stop = threading.Event()
     statuses = keep_busy(scaling_url, lambda k, i: chat(f"Request {k}-{i}", 64), clients=8, stop=stop)
     try:
