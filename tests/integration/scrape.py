@@ -39,6 +39,7 @@ def by_label(samples, name: str, label: str, **labels: str) -> dict[str, float]:
 # Ray exports every process's metrics this often in the suite (tests/ray_instance.py sets
 # RAY_metrics_report_interval_ms to 1000).
 EXPORT_INTERVAL_S = 1.0
+CUMULATIVE_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 
 def settled(
@@ -55,10 +56,12 @@ def settled(
     waited for with `reached`."""
 
     def watched(samples):
+        # Counters and histograms only: gauges (rates, cache sizes, in-flight counts) may move
+        # for ever while nothing happens, and would hold this to its timeout.
         return sorted(
             (name, sorted(labels.items()), value)
             for name, labels, value in samples
-            if name.startswith(prefixes)
+            if name.startswith(prefixes) and name.endswith(CUMULATIVE_SUFFIXES)
         )
 
     samples = scrape(url)
