@@ -37,6 +37,8 @@ OURS = f"{{{NAMESPACE}, {APP}, {MODEL}}}"
 VLLM = f'{{{NAMESPACE}, model_name=~"$model"}}'
 SERVE = f"{{{NAMESPACE}, {APP}}}"
 TOKENS_PER_S = "suffix: tok/s"
+# Seconds of work per second of wall time: 1 = one replica busy the whole time.
+SECONDS_PER_S = "suffix: s/s"
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,79 @@ OVERVIEW = DashboardSpec(
             ),
         ),
         ("Capacity", (REPLICAS_PER_STAGE, KV_CACHE)),
+        # Last, so that the panels above keep their ids (links with `viewPanel=` survive).
+        (
+            "Tenants",
+            (
+                PanelSpec(
+                    "Request rate per tenant by status class",
+                    "Generation requests answered per second for each tenant (from the tenants file; "
+                    "`default`, `anonymous` or `unknown` without one), by status class. A class "
+                    "with no requests yet has no line.",
+                    "reqps",
+                    tuple(
+                        Query(
+                            rate(m.TENANT_REQUESTS.series, with_status(status), by="tenant"),
+                            legend(f"{{{{tenant}}}} {label}"),
+                        )
+                        for status, label in (("2..", "2xx"), ("4..", "4xx"), ("5..", "5xx"))
+                    ),
+                ),
+                PanelSpec(
+                    "Tokens per second per tenant",
+                    "Each tenant's prompt tokens (image tokens apart) and image tokens that reached "
+                    "the decoder, and completion tokens generated for it, per second.",
+                    TOKENS_PER_S,
+                    tuple(
+                        Query(rate(metric.series, OURS, by="tenant"), legend(f"{{{{tenant}}}} {label}"))
+                        for metric, label in (
+                            (m.TENANT_PROMPT_TOKENS, "prompt"),
+                            (m.TENANT_IMAGE_TOKENS, "image"),
+                            (m.TENANT_COMPLETION_TOKENS, "completion"),
+                        )
+                    ),
+                ),
+                PanelSpec(
+                    "Encoder time per tenant",
+                    "Encoder seconds spent per second on each tenant's images (a batch's time shared "
+                    "among its images; cached images cost none). 1 s/s: one encoder replica busy "
+                    "the whole time.",
+                    SECONDS_PER_S,
+                    (Query(rate(m.TENANT_ENCODER_SECONDS.series, OURS, by="tenant"), legend("{{tenant}}")),),
+                ),
+                PanelSpec(
+                    "Rejections per second per tenant",
+                    "Requests admission refused, per second, by tenant and reason (requests or "
+                    "tokens per minute, concurrent requests, deadline, full queue).",
+                    "reqps",
+                    (
+                        Query(
+                            or_zero(rate(m.TENANT_REJECTIONS.series, OURS, by="tenant, reason")),
+                            legend("{{tenant}} {{reason}}"),
+                        ),
+                    ),
+                ),
+                PanelSpec(
+                    "Requests in flight per tenant",
+                    "Each tenant's generation requests past authentication and not yet answered, "
+                    "summed over the ingress replicas.",
+                    "short",
+                    (
+                        Query(
+                            grouped("sum", "tenant", m.TENANT_REQUESTS_IN_FLIGHT, OURS), legend("{{tenant}}")
+                        ),
+                    ),
+                ),
+                PanelSpec(
+                    "Requests waiting for admission",
+                    "Requests waiting at the ingress replicas' admission gates for a slot, summed "
+                    "over the replicas. Growing: tenants' limits or the service's capacity hold "
+                    "requests back.",
+                    "short",
+                    (Query(f"sum ({m.ADMISSION_WAITING.series}{SERVE})", "waiting"),),
+                ),
+            ),
+        ),
     ),
 )
 

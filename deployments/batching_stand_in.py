@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 from ray import serve
@@ -51,6 +51,9 @@ class BatchingCostModel:
 class _Sequence:
     prompt_token_ids: list[int]
     max_tokens: int
+    priority: int = 1
+    # Told each step's seconds this sequence is charged (benchmarks/tenants.py's accounting).
+    charge: Callable[[float], None] | None = None
     generated: int = 0
     prefilled: bool = False
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)  # one item per step: tokens made
@@ -71,11 +74,20 @@ class BatchingEngine:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
-    async def generate(self, prompt_token_ids: list[int], max_tokens: int) -> AsyncIterator[int]:
-        """Tokens made per step, until max_tokens; leaving early drops the sequence."""
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        priority: int = 1,
+        charge: Callable[[float], None] | None = None,
+    ) -> AsyncIterator[int]:
+        """Tokens made per step, until max_tokens; leaving early drops the sequence. Waiting
+        sequences start lowest `priority` first, then first come (vLLM's priority policy).
+        `charge` is told the sequence's share of each step's time: the step's fixed and
+        per-sequence time split evenly over the batch, the prefill time of its own prompt."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._steps())
-        sequence = _Sequence(prompt_token_ids, max_tokens)
+        sequence = _Sequence(prompt_token_ids, max_tokens, priority, charge)
         self._waiting.append(sequence)
         self._wake.set()
         try:
@@ -85,6 +97,11 @@ class BatchingEngine:
             for queue in (self._waiting, self._running):
                 if sequence in queue:
                     queue.remove(sequence)
+
+    def close(self) -> None:
+        """Stops the step loop (the engine's owner is done with it)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
 
     def requests(self) -> int:
         return len(self._waiting) + len(self._running)
@@ -134,13 +151,20 @@ class BatchingEngine:
                 await self._wake.wait()
             admitted = []
             while self._waiting and len(self._running) + len(admitted) < self.cost.max_num_seqs:
-                admitted.append(self._waiting.pop(0))
-            prefill = sum(self._uncached_tokens(s) for s in admitted)
+                first = min(self._waiting, key=lambda sequence: sequence.priority)
+                self._waiting.remove(first)
+                admitted.append(first)
+            prefills = {id(s): self._uncached_tokens(s) for s in admitted}
+            prefill = sum(prefills.values())
             self._running.extend(admitted)
             batch = list(self._running)
             started = time.monotonic()
             await asyncio.sleep(self.cost.step_time_s(len(batch), prefill, self.speed))
+            shared_s = self.cost.step_time_s(len(batch), 0, self.speed) / len(batch)
             for sequence in batch:
+                if sequence.charge is not None:
+                    own_prefill_s = self.cost.per_prefill_token_s * prefills.get(id(sequence), 0) / self.speed
+                    sequence.charge(shared_s + own_prefill_s)
                 sequence.prefilled = True
                 sequence.generated += 1
                 sequence.tokens.put_nowait(1)
@@ -170,7 +194,7 @@ class StandInBatchingDecoder:
         sent = 0
         pending = 0
         last_sent = 0.0
-        async for made in self._engine.generate(request.prompt_token_ids, max_tokens):
+        async for made in self._engine.generate(request.prompt_token_ids, max_tokens, request.priority):
             pending += made
             now = time.monotonic()
             done = sent + pending >= max_tokens

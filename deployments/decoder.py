@@ -192,7 +192,7 @@ class DecoderEngine:
         prompt_tokens = len(request.prompt_token_ids)
         to_generate = sampling.max_tokens * sampling.n
         self.load.admitted(prompt_tokens, to_generate)
-        outputs = self.engine.generate(prompt, sampling, request.request_id)
+        outputs = self.engine.generate(prompt, sampling, request.request_id, priority=request.priority)
         try:
             async for output in paced(outputs, self._chunk_interval_s):
                 if first:
@@ -200,7 +200,10 @@ class DecoderEngine:
                 generated = sum(len(completion.token_ids) for completion in output.outputs)
                 self.load.generated(generated)
                 to_generate -= generated
-                yield self._chunk(request, output, parsers, copies, first)
+                chunk = self._chunk(request, output, parsers, copies, first)
+                if first and images is not None:
+                    chunk = replace(chunk, encoder_seconds=images.encoder_seconds)
+                yield chunk
                 first = False
         finally:
             if first:

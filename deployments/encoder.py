@@ -170,10 +170,13 @@ class Encoder:
         it before the request gets here: `prompt` is still a reference there."""
         self._pending_images += len(prompt.images)
         try:
-            embeddings = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
+            encoded = await asyncio.gather(*(self._embedding(image) for image in prompt.images))
         finally:
             self._pending_images -= len(prompt.images)
-        return ImageTokenEmbeddings(embeddings=torch.cat(embeddings))
+        return ImageTokenEmbeddings(
+            embeddings=torch.cat([embedding for embedding, _ in encoded]),
+            encoder_seconds=sum(seconds for _, seconds in encoded),
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The encoder's autoscaling signal (autoscaling/policies.py)."""
@@ -191,14 +194,16 @@ class Encoder:
             )
         )
 
-    async def _embedding(self, image: ImageForEncoder) -> torch.Tensor:
+    async def _embedding(self, image: ImageForEncoder) -> tuple[torch.Tensor, float]:
+        """The image's embedding, and the encoder seconds it cost this request (none when
+        cached, or when another request is encoding it: that one is charged)."""
         key = image.content_hash
         cached = self._cache.get(key)
         if cached is None and key in self._in_flight:
-            cached = await asyncio.shield(self._in_flight[key])
+            cached, _ = await asyncio.shield(self._in_flight[key])
         if cached is not None:
             self._metrics.cache_hits.inc()
-            return cached
+            return cached, 0.0
         self._metrics.cache_misses.inc()
         future = asyncio.ensure_future(self._encode_new(image))
         self._in_flight[key] = future
@@ -206,14 +211,14 @@ class Encoder:
         # Shielded: a cancelled request does not cancel the work others wait on.
         return await asyncio.shield(future)
 
-    async def _encode_new(self, image: ImageForEncoder) -> torch.Tensor:
-        embedding = await self._encode_batch(image.pixels)
+    async def _encode_new(self, image: ImageForEncoder) -> tuple[torch.Tensor, float]:
+        embedding, seconds = await self._encode_batch(image.pixels)
         self._cache.put(image.content_hash, embedding)
         self._metrics.cache_bytes.update()
-        return embedding
+        return embedding, seconds
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, batch: list[np.ndarray]) -> Iterable[torch.Tensor]:
+    async def _encode_batch(self, batch: list[np.ndarray]) -> Iterable[tuple[torch.Tensor, float]]:
         started = time.perf_counter()
         # The forward pass runs in a thread so the replica keeps taking requests.
         embeddings = await asyncio.to_thread(self._vision.encode, batch)
@@ -222,4 +227,4 @@ class Encoder:
         self._metrics.seconds.observe(seconds)
         self._metrics.batch_size.observe(len(batch))
         self._metrics.images_encoded.inc(len(batch))
-        return embeddings
+        return [(embedding, seconds / len(batch)) for embedding in embeddings]

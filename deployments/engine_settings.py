@@ -85,6 +85,9 @@ def engine_args(
         **compilation,
         enable_prefix_caching=engine.enable_prefix_caching,
         enable_prompt_embeds=True,
+        # Tenants' priorities (serve/tenants.py) reach the engine's waiting queue: with equal
+        # priorities this is first come, first served, as vLLM's default.
+        scheduling_policy="priority",
         served_model_name=served_name,
         # Stats go to Prometheus through the decoder's Ray stat logger
         # (engine.export_metrics); vLLM's periodic log lines would only repeat them.

@@ -13,9 +13,11 @@ from ray.serve import Application, Deployment
 from deployments.decoder import Decoder
 from deployments.encoder import Encoder
 from deployments.preprocess import Preprocess
+from deployments.quota_ledger import QuotaLedger
 from serve.config import AppConfig
 from serve.ingress import Ingress
 from serve.layouts import decoder_placement
+from serve.tenants import tenants_file_path
 
 
 def decoder_options(config: AppConfig) -> dict[str, Any]:
@@ -51,7 +53,8 @@ def app_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on.
+    """Ingress -> (Preprocess -> Encoder ->) Decoder; the image stages only when images are on,
+    the QuotaLedger only with a tenants file.
 
     Serve calls it with the config file's `args` (an application builder takes exactly one)."""
     return build_stages(app_config(args), Decoder)
@@ -63,13 +66,16 @@ def build_stages(config: AppConfig, decoder_deployment: Deployment, *decoder_arg
     deployments/batching_stand_in.py's)."""
     stages = config.deployments
     decoder = decoder_deployment.options(**decoder_options(config)).bind(config, *decoder_args)
-    image_stages = {}
+    other_stages: dict[str, Application] = {}
     if config.images.max_images_per_request > 0:
-        image_stages = {
+        other_stages = {
             "preprocess": Preprocess.options(**stages.preprocess.serve_options("preprocess")).bind(config),
             "encoder": Encoder.options(**encoder_options(config)).bind(config),
         }
     # Past the ingress's own queue, Serve's proxy answers: a 429 too, with Retry-After.
     backpressure = {"status_code": 429, "retry_after_s": config.limits.retry_after_s}
     ingress = Ingress.options(**stages.ingress.serve_options("ingress"), backpressure_config=backpressure)
-    return ingress.bind(config, decoder, **image_stages)
+    # Tenants' quotas hold for the application, whatever the number of ingress replicas.
+    if tenants_file_path(config.auth.tenants_file) is not None:
+        other_stages["ledger"] = QuotaLedger.bind()
+    return ingress.bind(config, decoder, **other_stages)

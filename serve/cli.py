@@ -63,10 +63,13 @@ def _open_beyond_loopback(host: str, config: AppConfig, keyed: bool) -> bool:
 
 def _run(args: argparse.Namespace) -> None:
     from serve.auth import api_keys
+    from serve.tenants import tenants_file_path
 
     config_path = CONFIGS_DIR / f"{args.layout}.yaml" if args.layout else Path(args.config)
     name, import_path, config = _application(config_path, model=args.model)
-    keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys))
+    keyed = bool(api_keys(key.get_secret_value() for key in config.auth.api_keys)) or bool(
+        tenants_file_path(config.auth.tenants_file)
+    )
     open_beyond_loopback = _open_beyond_loopback(args.host, config, keyed)
     # serve/front_door.py says why each (the Helm chart's pods get the same).
     for variable, value in RUN_ENVIRONMENT.items():
@@ -271,6 +274,25 @@ def _bench_router(args: argparse.Namespace) -> None:
     print(f"results, table and plot in {args.output}/")
 
 
+def _bench_tenants(args: argparse.Namespace) -> None:
+    import json
+
+    from benchmarks.tenants import main as bench_tenants
+
+    results = bench_tenants(seconds=args.seconds, output=args.output)
+    print(json.dumps(results["summary"], indent=2))
+    print(f"results in {args.output}")
+
+
+def _hash_key(args: argparse.Namespace) -> None:
+    from serve.tenants import key_digest
+
+    key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        sys.exit("no key given: pass it as an argument or on standard input")
+    print(key_digest(key))
+
+
 def main(argv: list[str] | None = None) -> None:
     from serve.capacity import GPU_MEMORY_GIB
     from serve.layouts import LAYOUTS
@@ -419,6 +441,26 @@ def main(argv: list[str] | None = None) -> None:
         "--output", type=Path, default=Path("benchmarks/results/router"), help="results folder"
     )
     bench_router.set_defaults(handler=_bench_router)
+
+    bench_tenants = commands.add_parser(
+        "bench-tenants",
+        help="fair shares, priority and deadline-aware admission, on stand-in engines (docs/tenancy.md)",
+    )
+    bench_tenants.add_argument("--seconds", type=float, default=20.0, help="length of each scenario's load")
+    bench_tenants.add_argument(
+        "--output", type=Path, default=Path("benchmarks/results/tenants/results.json"), help="results file"
+    )
+    bench_tenants.set_defaults(handler=_bench_tenants)
+
+    hash_key = commands.add_parser(
+        "hash-key", help="print an API key's SHA-256 digest, as the tenants file stores keys"
+    )
+    hash_key.add_argument(
+        "key",
+        nargs="?",
+        help="the key (read from standard input when absent, to keep it out of the shell history)",
+    )
+    hash_key.set_defaults(handler=_hash_key)
 
     args = parser.parse_args(argv)
     args.handler(args)

@@ -589,6 +589,69 @@ class AuthConfig(_Strict):
             "the Helm chart refuses to render; on loopback, a service without keys is always open."
         ),
     )
+    tenants_file: str | None = Field(
+        default=None,
+        description=(
+            "A YAML file of tenants: their keys (SHA-256 digests) and limits, priorities and weights "
+            "(docs/tenancy.md). MINISTRAL_TENANTS_FILE in the replicas' environment names it too, "
+            "and wins. The file is re-read every tenants_reload_s; the keys of api_keys and "
+            "MINISTRAL_API_KEYS form one more tenant, `default`, without limits."
+        ),
+    )
+    tenants_reload_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="How often each ingress replica looks for a changed tenants file.",
+    )
+
+
+class AdmissionConfig(_Strict):
+    """The ingress's admission gate (serve/admission.py): how many requests go past each ingress
+    replica to the encoder and decoder at once, and in which order the rest follow."""
+
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Requests past one ingress replica at once; the rest wait at the ingress in order of "
+            "priority, then by weighted fair share of cost. null: with a tenants file, the "
+            "decoders' batch slots (engine.max_num_seqs x decoder replicas, max_replicas when "
+            "autoscaling) divided among the ingress replicas; without one, no gate. 0: no gate."
+        ),
+    )
+    max_waiting: int = Field(
+        default=1024,
+        ge=1,
+        description="Requests that may wait at one ingress replica's gate; beyond them, a 429 at once.",
+    )
+    reserved_for_high: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Of the gate's slots, how many only high-priority requests may take, so that one "
+            "starts at once under a flood of others (the engine does not preempt running "
+            "requests for it). null: an eighth of the slots, rounded down."
+        ),
+    )
+    prompt_token_cost: float = Field(
+        default=0.1,
+        ge=0,
+        description="A prompt token's cost, in generated tokens (a prefill step handles many at once).",
+    )
+    image_token_cost: float = Field(
+        default=0.25,
+        ge=0,
+        description="An image token's cost, in generated tokens: its prefill and the encoder's work.",
+    )
+    expected_completion_tokens: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Completion tokens assumed for a request that does not set max_tokens, when its cost and "
+            "its tokens-per-minute charge are estimated (the charge is corrected when it ends)."
+        ),
+    )
 
 
 ROUTER_CLASSES = {
@@ -671,6 +734,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     use_default_system_prompt: bool = Field(
         default=True,

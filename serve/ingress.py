@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import TypeVar
 
 import msgspec
@@ -35,7 +36,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.auth import ApiKeyMiddleware, api_keys
+from serve.auth import TenantMiddleware, api_keys, tenant_of
 from serve.chat import ChatOutput, sse
 from serve.chat_template import ChatTemplate, image_positions
 from serve.checkpoint import open_checkpoint, reasoning_enabled
@@ -81,12 +82,14 @@ from serve.request_metrics import (
 from serve.sampling import ResponseShape, check_token_ids, completion_budget, sampling_settings
 from serve.stage_errors import lost_its_replica, stage_error, with_retry_on_lost_replica
 from serve.streams import started, until_deadline
+from serve.tenancy import Tenancy
+from serve.tenants import tenants_file_path
 
 logger = logging.getLogger(__name__)
 
 app = FastAPI(title="ministral-serve", docs_url=None, redoc_url=None)
 # The last added runs first: requests refused for their key are counted too.
-app.add_middleware(ApiKeyMiddleware)
+app.add_middleware(TenantMiddleware)
 app.add_middleware(RequestMetricsMiddleware)
 
 # OpenAI's legacy completions default.
@@ -105,7 +108,7 @@ PARSE_INLINE_BYTES = 1024 * 1024
 HEALTH_CACHE_S = 1.0
 
 # Served paths under /v1 (with another method, they are a 405, not a 404).
-SERVED_OPERATIONS = {"chat/completions", "completions", "models"}
+SERVED_OPERATIONS = {"chat/completions", "completions", "models", "usage"}
 
 # OpenAI paths for what a text-generating vision-language model cannot do.
 UNSERVABLE_OPERATIONS = {
@@ -224,6 +227,7 @@ class Ingress:
         decoder: DeploymentHandle,
         preprocess: DeploymentHandle | None = None,
         encoder: DeploymentHandle | None = None,
+        ledger: DeploymentHandle | None = None,
     ):
         self._config = config
         self._decoder = decoder
@@ -249,9 +253,14 @@ class Ingress:
         self._stage_states_seen: dict[str, str] = {}
         self._stage_states_at = -float("inf")
         self._metrics = RequestMetricsMiddleware.metrics = RequestMetrics(self._model_name)
-        ApiKeyMiddleware.keys = api_keys(key.get_secret_value() for key in config.auth.api_keys)
-        if ApiKeyMiddleware.keys:
-            logger.info("API keys required: %d configured", len(ApiKeyMiddleware.keys))
+        self._tenancy = Tenancy(
+            config,
+            api_keys(key.get_secret_value() for key in config.auth.api_keys),
+            tenants_file_path(config.auth.tenants_file),
+            ledger,
+            self._model_name,
+        )
+        TenantMiddleware.tenants = self._tenancy
 
     async def _info(self) -> EngineInfo:
         # The decoder's resolved settings are the truth (vLLM may derive
@@ -307,6 +316,14 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, http_request: Request) -> Response:
         request = await self._parse(http_request, ChatCompletionRequest)
+        request_id = new_chat_completion_id()
+        priority, deadline_s = await self._admitted_to_quota(
+            http_request,
+            request,
+            request_id,
+            text_chars=_text_chars(request.messages),
+            images=len(image_positions(request.messages)),
+        )
         grammar = await self._grammars.for_chat(request)
         prompt, preprocess_response = await self._preprocessed(request.messages, request.tools)
         info = await self._info()
@@ -323,8 +340,11 @@ class Ingress:
             ),
             field=request.completion_token_field,
         )
+        await self._admitted_past_the_gate(
+            http_request, request, prompt.prompt_token_ids, max_tokens, priority, deadline_s
+        )
         decode = DecodeRequest(
-            request_id=new_chat_completion_id(),
+            request_id=request_id,
             prompt_token_ids=prompt.prompt_token_ids,
             sampling=sampling_settings(
                 request,
@@ -334,6 +354,7 @@ class Ingress:
                 grammar=grammar,
             ),
             parsing=self._chat_parsing(request),
+            priority=priority,
         )
         if prompt.images:
             self._metrics.image_request()
@@ -351,6 +372,14 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, http_request: Request) -> Response:
         request = await self._parse(http_request, CompletionRequest)
+        request_id = new_completion_id()
+        priority, deadline_s = await self._admitted_to_quota(
+            http_request,
+            request,
+            request_id,
+            text_chars=len(request.prompt) if isinstance(request.prompt, str) else 0,
+            prompt_ids=0 if isinstance(request.prompt, str) else len(request.prompt),
+        )
         info = await self._info()
         if isinstance(request.prompt, str):
             prompt_text = request.prompt
@@ -375,8 +404,11 @@ class Ingress:
             # Checked and decoded once the prompt is known to fit the context.
             check_token_ids(request.prompt, info, "prompt")
             prompt_text = await self._tokenizer_call(len(prompt_ids), self._template.decode, prompt_ids)
+        await self._admitted_past_the_gate(
+            http_request, request, prompt_ids, max_tokens, priority, deadline_s
+        )
         decode = DecodeRequest(
-            request_id=new_completion_id(),
+            request_id=request_id,
             prompt_token_ids=prompt_ids,
             sampling=sampling_settings(
                 request,
@@ -385,6 +417,7 @@ class Ingress:
                 logprobs=request.logprobs,
                 prompt_logprobs=request.logprobs if request.echo else None,
             ),
+            priority=priority,
         )
         chunks = await self._generate(decode, http_request)
         output = CompletionOutput(request, decode, self._model_name, info.system_fingerprint, prompt_text)
@@ -427,6 +460,13 @@ class Ingress:
         text = await self._tokenizer_call(len(request.tokens), self._template.decode, request.tokens)
         return DetokenizeResponse(prompt=text)
 
+    @app.get("/v1/usage")
+    async def usage(self, http_request: Request) -> JSONResponse:
+        """The numbers of the tenant whose key the request carries, application-wide."""
+        tenant = tenant_of(http_request.scope)
+        usage = await self._tenancy.usage(tenant)
+        return JSONResponse({"object": "tenant.usage", "tenant": tenant.name, **asdict(usage)})
+
     @app.api_route("/v1/{operation:path}", methods=["GET", "POST"])
     async def unservable(self, operation: str, http_request: Request) -> Response:
         what = UNSERVABLE_OPERATIONS.get(operation.strip("/"))
@@ -439,6 +479,52 @@ class Ingress:
             f"it does not support {what}. This service serves /v1/chat/completions and /v1/completions.",
             param="model",
             code="unsupported_operation",
+        )
+
+    async def _admitted_to_quota(
+        self,
+        http_request: Request,
+        request: SamplingFields,
+        request_id: str,
+        text_chars: int,
+        images: int = 0,
+        prompt_ids: int = 0,
+    ) -> tuple[int, float | None]:
+        """The request's priority and deadline, once its tenant's quotas have room for it
+        (serve.tenancy); before any work is spent on it."""
+        scope = http_request.scope
+        priority = Tenancy.priority(tenant_of(scope), request.priority)
+        deadline_s = Tenancy.deadline_s(http_request.headers, request.request_timeout)
+        self._tenancy.started(scope, request_id)
+        completion = request.completion_token_limit
+        estimate = self._tenancy.estimated_tokens(
+            text_chars, images, prompt_ids, completion * request.n if completion else None
+        )
+        await self._tenancy.admit_quota(scope, estimate)
+        return priority, deadline_s
+
+    async def _admitted_past_the_gate(
+        self,
+        http_request: Request,
+        request: SamplingFields,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        priority: int,
+        deadline_s: float | None,
+    ) -> None:
+        """Wait for a slot of the admission gate (serve.admission), within the time limit."""
+        image_tokens = prompt_token_ids.count(self._template.image_token_id)
+        completion = request.completion_token_limit or self._config.admission.expected_completion_tokens
+        elapsed = time.perf_counter() - received_at(http_request.scope)
+        await self._tenancy.admit(
+            http_request.scope,
+            priority,
+            text_tokens=len(prompt_token_ids) - image_tokens,
+            image_tokens=image_tokens,
+            completion_tokens=min(completion, max_tokens),
+            choices=request.n,
+            deadline_s=deadline_s,
+            timeout_s=max(0.0, self._config.limits.request_timeout_s - elapsed),
         )
 
     async def _body(self, http_request: Request) -> bytes:

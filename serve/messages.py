@@ -46,6 +46,9 @@ class ImageTokenEmbeddings:
 
     # [num_image_tokens_of_all_images, text_hidden_size], one row per [IMG] token.
     embeddings: torch.Tensor
+    # The encoder's time for these images (a batch's time shared among its images; a cached
+    # image costs none), charged to the request's tenant.
+    encoder_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class DecodeRequest:
     sampling: SamplingSettings
     # None: raw text (completions, or chat without tools on a non-reasoning model).
     parsing: OutputParsing | None = None
+    # vLLM's priority scheduling: the lowest is served first (serve.tenants.PRIORITY_RANK).
+    priority: int = 1
 
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -142,6 +147,8 @@ class DecodeChunk:
     choices: list[ChoiceDelta]
     # Per prompt position (the first is None), in the first chunk when asked for.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # In the first chunk of a request with images: the encoder's time for them.
+    encoder_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

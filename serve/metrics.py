@@ -148,6 +148,79 @@ IMAGE_REQUESTS = _ours(
     "ingress",
     "Requests with at least one image (they go through the preprocess and encoder stages).",
 )
+TENANT_LABELS = ("model", "tenant")
+TENANT_REQUESTS = _ours(
+    "tenant_requests",
+    "counter",
+    "short",
+    (*TENANT_LABELS, "status", "error_code"),
+    "ingress",
+    "Generation requests answered, by tenant (a name from the tenants file; `default` for the keys "
+    "of auth.api_keys, `anonymous` without keys, `unknown` for a key that matched none), status "
+    "code and OpenAI error code.",
+)
+TENANT_PROMPT_TOKENS = _ours(
+    "tenant_prompt_tokens",
+    "counter",
+    "short",
+    TENANT_LABELS,
+    "ingress",
+    "Prompt tokens of the tenant's requests that reached the decoder, image tokens excluded.",
+)
+TENANT_IMAGE_TOKENS = Metric(
+    "ray_ministral_tenant_image_tokens",
+    "counter",
+    "short",
+    (*TENANT_LABELS, *SERVE_LABELS),
+    "ingress",
+    "Image tokens of the tenant's prompts that reached the decoder.",
+    absent_until_first_event=True,
+)
+TENANT_COMPLETION_TOKENS = _ours(
+    "tenant_completion_tokens",
+    "counter",
+    "short",
+    TENANT_LABELS,
+    "ingress",
+    "Completion tokens generated for the tenant, all choices counted.",
+)
+TENANT_ENCODER_SECONDS = Metric(
+    "ray_ministral_tenant_encoder_seconds",
+    "counter",
+    "s",
+    (*TENANT_LABELS, *SERVE_LABELS),
+    "ingress",
+    "Encoder time spent on the tenant's images (a batch's time shared among its images; cached "
+    "images cost none).",
+    absent_until_first_event=True,
+)
+TENANT_REJECTIONS = Metric(
+    "ray_ministral_tenant_rejections",
+    "counter",
+    "short",
+    (*TENANT_LABELS, "reason", *SERVE_LABELS),
+    "ingress",
+    "Requests refused by admission, by tenant and reason: requests_per_minute, tokens_per_minute, "
+    "max_concurrent_requests, deadline (it would not finish within the client's timeout), "
+    "queue_full (the admission queue was full).",
+    absent_until_first_event=True,
+)
+TENANT_REQUESTS_IN_FLIGHT = _ours(
+    "tenant_requests_in_flight",
+    "gauge",
+    "short",
+    TENANT_LABELS,
+    "ingress",
+    "The tenant's generation requests past authentication and not yet answered, on this replica.",
+)
+ADMISSION_WAITING = _ours(
+    "admission_waiting",
+    "gauge",
+    "short",
+    (),
+    "ingress",
+    "Requests waiting at this ingress replica's admission gate for a slot (serve/admission.py).",
+)
 IMAGES_PREPROCESSED = _ours(
     "images_preprocessed", "counter", "short", (), "preprocess", "Images fetched, decoded and templated."
 )
@@ -311,6 +384,14 @@ CATALOGUE: tuple[Metric, ...] = (
     PROMPT_TOKENS,
     GENERATION_TOKENS,
     IMAGE_REQUESTS,
+    TENANT_REQUESTS,
+    TENANT_PROMPT_TOKENS,
+    TENANT_IMAGE_TOKENS,
+    TENANT_COMPLETION_TOKENS,
+    TENANT_ENCODER_SECONDS,
+    TENANT_REJECTIONS,
+    TENANT_REQUESTS_IN_FLIGHT,
+    ADMISSION_WAITING,
     IMAGES_PREPROCESSED,
     PREPROCESS_CACHE_HITS,
     PREPROCESS_SECONDS,

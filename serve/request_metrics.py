@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse
 
+from serve.admission import AdmissionTicket
 from serve.errors import APIError
 from serve.messages import DecodeChunk
 from serve.metrics import (
@@ -41,6 +43,28 @@ UNMATCHED_ROUTE = "unmatched"
 def route_of(scope: dict[str, Any]) -> str:
     route = scope.get("route")
     return getattr(route, "path", UNMATCHED_ROUTE)
+
+
+@dataclass
+class RequestUsage:
+    """What one generation request used, filled in as it runs (kept in the ASGI scope)."""
+
+    request_id: str
+    prompt_tokens: int = 0  # text tokens of the prompt
+    image_tokens: int = 0
+    completion_tokens: int = 0
+    encoder_seconds: float = 0.0
+    reached_decoder: bool = False
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    longest_choice_tokens: int = 0
+    refused_for: str | None = None
+    ticket: AdmissionTicket | None = None
+
+
+def usage_of(scope: dict[str, Any]) -> RequestUsage | None:
+    return scope.get("state", {}).get("usage")
 
 
 def received_at(scope: dict[str, Any]) -> float:
@@ -99,6 +123,7 @@ class RequestMetrics:
     ) -> AsyncIterator[DecodeChunk]:
         tags = {"model": self.model, "route": route_of(scope)}
         started = received_at(scope)
+        usage = usage_of(scope)
         first_token_at = last_token_at = None
         prompt_counted = False
         tokens_per_choice: dict[int, int] = {}
@@ -109,6 +134,9 @@ class RequestMetrics:
                     # refused or retried before that did not cost its prefill.
                     self._prompt_tokens.inc(prompt_tokens, tags=tags)
                     prompt_counted = True
+                    if usage is not None:
+                        usage.reached_decoder = True
+                        usage.encoder_seconds = chunk.encoder_seconds
                 generated = 0
                 for choice in chunk.choices:
                     generated += len(choice.token_ids)
@@ -123,6 +151,10 @@ class RequestMetrics:
                     # Counted as they stream, so that the token rate of a long
                     # stream shows while it runs.
                     self._generation_tokens.inc(generated, tags=tags)
+                    if usage is not None:
+                        usage.completion_tokens += generated
+                        usage.first_token_at, usage.last_token_at = first_token_at, last_token_at
+                        usage.longest_choice_tokens = max(tokens_per_choice.values())
                 yield chunk
         finally:
             longest = max(tokens_per_choice.values(), default=0)

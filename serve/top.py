@@ -64,16 +64,25 @@ def summed(reading: Reading, name: str, by: str | None = None) -> dict[str, floa
     return dict(totals)
 
 
-def rates(before: Reading, after: Reading, name: str, by: str | None = None) -> dict[str, float]:
+def rates(
+    before: Reading,
+    after: Reading,
+    name: str,
+    by: str | None = None,
+    where: Callable[[Labels], bool] | None = None,
+) -> dict[str, float]:
     """Per-second increase of a counter between two readings, series by series (as
     Prometheus' `sum by (...) (rate(...))`), so that one replica's restart counts from zero
-    without hiding the others' progress."""
+    without hiding the others' progress. `where`: only the series whose labels it accepts
+    (a selector's matchers)."""
     elapsed = after.taken_at - before.taken_at
     if elapsed <= 0:
         return {}
     earlier = before.series(name)
     totals: dict[str, float] = defaultdict(float)
     for labels, value in after.series(name).items():
+        if where is not None and not where(labels):
+            continue
         totals[_label(labels, by) if by else ""] += _increase(earlier.get(labels, 0.0), value) / elapsed
     return dict(totals)
 
@@ -133,10 +142,55 @@ class DecoderReplicaRow:
 
 
 @dataclass(frozen=True)
+class TenantRow:
+    tenant: str
+    requests_per_s: float
+    # Share of the tenant's answers that were not 2xx; None without answers in the window.
+    error_share: float | None
+    # Prompt tokens with the image tokens, as the decoder sees them.
+    prompt_tokens_per_s: float
+    completion_tokens_per_s: float
+    # Summed over the ingress replicas (each exports its own).
+    in_flight: float
+    rejections_per_s: float
+
+
+@dataclass(frozen=True)
 class View:
     service: ServiceRow
     stages: list[StageRow]
     decoder_replicas: list[DecoderReplicaRow]
+    tenants: list[TenantRow]
+
+
+def _not_2xx(labels: Labels) -> bool:
+    return not _label(labels, "status").startswith("2")
+
+
+def tenant_rows(before: Reading, after: Reading) -> list[TenantRow]:
+    """One row per tenant, the busiest (completion tokens per second) first."""
+    requests = rates(before, after, m.TENANT_REQUESTS.series, "tenant")
+    errors = rates(before, after, m.TENANT_REQUESTS.series, "tenant", where=_not_2xx)
+    prompt = rates(before, after, m.TENANT_PROMPT_TOKENS.series, "tenant")
+    image = rates(before, after, m.TENANT_IMAGE_TOKENS.series, "tenant")
+    completion = rates(before, after, m.TENANT_COMPLETION_TOKENS.series, "tenant")
+    rejections = rates(before, after, m.TENANT_REJECTIONS.series, "tenant")
+    in_flight = summed(after, m.TENANT_REQUESTS_IN_FLIGHT.series, "tenant")
+    names = set(requests) | set(prompt) | set(image) | set(completion) | set(rejections) | set(in_flight)
+    rows = [
+        TenantRow(
+            name,
+            requests.get(name, 0.0),
+            errors.get(name, 0.0) / requests[name] if requests.get(name, 0.0) > 0 else None,
+            prompt.get(name, 0.0) + image.get(name, 0.0),
+            completion.get(name, 0.0),
+            in_flight.get(name, 0.0),
+            rejections.get(name, 0.0),
+        )
+        for name in names
+        if name
+    ]
+    return sorted(rows, key=lambda row: (-row.completion_tokens_per_s, row.tenant))
 
 
 def view(before: Reading, after: Reading) -> View:
@@ -171,7 +225,7 @@ def view(before: Reading, after: Reading) -> View:
         )
         for replica in sorted(set(running) | set(tokens))
     ]
-    return View(service, stages, replicas)
+    return View(service, stages, replicas, tenant_rows(before, after))
 
 
 WATCHED = frozenset(
@@ -189,6 +243,12 @@ WATCHED = frozenset(
         m.VLLM_RUNNING.series,
         m.VLLM_WAITING.series,
         m.VLLM_KV_CACHE_USAGE.series,
+        m.TENANT_REQUESTS.series,
+        m.TENANT_PROMPT_TOKENS.series,
+        m.TENANT_IMAGE_TOKENS.series,
+        m.TENANT_COMPLETION_TOKENS.series,
+        m.TENANT_REQUESTS_IN_FLIGHT.series,
+        m.TENANT_REJECTIONS.series,
     )
 )
 """The series `view` reads."""
@@ -196,6 +256,10 @@ WATCHED = frozenset(
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def render(current: View, source: str, caption: str = ""):
@@ -233,7 +297,20 @@ def render(current: View, source: str, caption: str = ""):
             f"{replica.waiting:.0f}",
             f"{replica.kv_cache_use:.0%}",
         )
-    return Group(service, stages, replicas)
+    tenants = Table(title="Tenants", title_justify="left")
+    for column in ("tenant", "req/s", "errors", "tok/s in", "tok/s out", "in flight", "rejected/s"):
+        tenants.add_column(column, justify="left" if column == "tenant" else "right")
+    for tenant in current.tenants:
+        tenants.add_row(
+            tenant.tenant,
+            f"{tenant.requests_per_s:.2f}",
+            _share(tenant.error_share),
+            f"{tenant.prompt_tokens_per_s:.1f}",
+            f"{tenant.completion_tokens_per_s:.1f}",
+            f"{tenant.in_flight:.0f}",
+            f"{tenant.rejections_per_s:.2f}",
+        )
+    return Group(service, stages, replicas, tenants)
 
 
 class MetricsUnavailable(Exception):

@@ -80,6 +80,10 @@ class SamplingFields(OpenAIBaseModel):
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     return_token_ids: bool = False
     ignore_eos: bool = False
+    # This service's extensions: the request's priority, at most its key's (serve/tenants.py),
+    # and how long the client will wait for the whole answer (X-Request-Timeout, in the body).
+    priority: Literal["high", "normal", "low"] | None = None
+    request_timeout: Annotated[float | None, Field(gt=0)] = None
 
     @field_validator("stop")
     @classmethod

@@ -13,11 +13,12 @@ from contextlib import contextmanager
 import pytest
 from starlette.testclient import TestClient
 
-from serve.auth import ApiKeyMiddleware
+from serve.auth import TenantMiddleware
 from serve.config import AppConfig
 from serve.ingress import Ingress, app
 from serve.messages import EngineInfo
 from serve.request_metrics import RequestMetricsMiddleware
+from serve.tenancy import Tenancy
 
 MODEL = "m"
 INFO = EngineInfo(max_model_len=4096, vocab_size=131072, system_fingerprint="fp_test")
@@ -53,12 +54,13 @@ def _servable_dependencies() -> set:
 
 @contextmanager
 def ingress_client(
-    monkeypatch: pytest.MonkeyPatch, keys: tuple[bytes, ...] = (), replica: Ingress | None = None
+    monkeypatch: pytest.MonkeyPatch, keys: tuple[str, ...] = (), replica: Ingress | None = None
 ) -> Iterator[TestClient]:
     """A client of the real ingress app, with these API keys required (none: open)."""
-    monkeypatch.setattr(ApiKeyMiddleware, "keys", keys)
     monkeypatch.setattr(RequestMetricsMiddleware, "metrics", None)
     replica = replica or stand_in_replica()
+    replica._tenancy = Tenancy(replica._config, keys, None, None, MODEL)
+    monkeypatch.setattr(TenantMiddleware, "tenants", replica._tenancy)
     dependencies = _servable_dependencies()
     assert dependencies, "the ingress's routes no longer take their replica as a dependency"
     for call in dependencies:

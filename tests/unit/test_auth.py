@@ -9,11 +9,13 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serve import ingress
-from serve.auth import API_KEYS_ENV, ApiKeyMiddleware, Unauthorized, api_keys, check_api_key
+from serve.auth import API_KEYS_ENV, TenantMiddleware, Unauthorized, api_keys, identify, tenant_of
 from serve.config import AppConfig
+from serve.tenants import ANONYMOUS_TENANT, DEFAULT_TENANT, build_directory
 from tests.unit.ingress_app import ingress_client
 
-KEYS = (b"sk-first-key", b"sk-second-key")
+KEYS = ("sk-first-key", "sk-second-key")
+DIRECTORY = build_directory(None, KEYS)
 
 
 @pytest.mark.parametrize(
@@ -36,22 +38,22 @@ KEYS = (b"sk-first-key", b"sk-second-key")
 )
 def test_only_a_configured_key_in_the_header_gets_in(authorization, query, refusal):
     if refusal is None:
-        check_api_key(authorization, query, KEYS)
+        assert identify(authorization, query, DIRECTORY).name == DEFAULT_TENANT
         return
     with pytest.raises(Unauthorized) as refused:
-        check_api_key(authorization, query, KEYS)
+        identify(authorization, query, DIRECTORY)
     assert refusal in refused.value.message
     assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
     assert "sk-" not in refused.value.message
 
 
-def test_without_keys_everything_passes():
-    check_api_key(None, b"", ())
+def test_without_keys_everything_passes_as_the_anonymous_tenant():
+    assert identify(None, b"", build_directory(None, ())).name == ANONYMOUS_TENANT
 
 
 def test_keys_come_from_the_config_and_the_environment():
     environment = {API_KEYS_ENV: " sk-env-1, ,sk-env-2,sk-config "}
-    assert api_keys(["sk-config", " "], environment) == (b"sk-config", b"sk-env-1", b"sk-env-2")
+    assert api_keys(["sk-config", " "], environment) == ("sk-config", "sk-env-1", "sk-env-2")
     assert api_keys([], {}) == ()
 
 
@@ -61,19 +63,36 @@ def test_config_keys_are_secret_in_its_repr():
     assert config.auth.api_keys[0].get_secret_value() == "sk-very-secret"
 
 
-@pytest.fixture
-def client(monkeypatch):
-    monkeypatch.setattr(ApiKeyMiddleware, "keys", KEYS)
+class RecordedTenants:
+    directory = DIRECTORY
 
+    def __init__(self):
+        self.answers: list[tuple[str | None, int]] = []
+
+    def ended(self, scope, status):
+        tenant = tenant_of(scope)
+        self.answers.append((tenant.name if tenant else None, status))
+
+
+@pytest.fixture
+def tenants(monkeypatch):
+    recorded = RecordedTenants()
+    monkeypatch.setattr(TenantMiddleware, "tenants", recorded)
+    return recorded
+
+
+@pytest.fixture
+def client(tenants):
     async def ok(request):
-        return PlainTextResponse("ok")
+        tenant = tenant_of(request.scope)
+        return PlainTextResponse(f"ok {tenant.name}" if tenant else "ok")
 
     app = Starlette(routes=[Route("/health", ok), Route("/v1/models", ok)])
-    app.add_middleware(ApiKeyMiddleware)
+    app.add_middleware(TenantMiddleware)
     return TestClient(app)
 
 
-def test_the_refusal_is_an_openai_error_and_health_stays_open(client):
+def test_the_refusal_is_an_openai_error_and_health_stays_open(client, tenants):
     refused = client.get("/v1/models", params={"api_key": "sk-first-key"})
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"] == "Bearer"
@@ -87,9 +106,11 @@ def test_the_refusal_is_an_openai_error_and_health_stays_open(client):
         }
     }
     assert client.get("/health").text == "ok"
-    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-second-key"}).text == "ok"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-second-key"}).text == "ok default"
     wrong = client.get("/v1/models", headers={"Authorization": "Bearer sk-guess"})
     assert wrong.status_code == 401 and "sk-guess" not in wrong.text
+    # Every answer but /health's reaches the tenancy's accounting, a refused key's without a tenant.
+    assert tenants.answers == [(None, 401), ("default", 200), (None, 401)]
 
 
 def concrete(path: str) -> str:
@@ -124,3 +145,16 @@ def test_every_route_of_the_ingress_but_health_wants_a_key(monkeypatch):
         # ... and a right key reaches the routes: the 401s above are the key's, nothing else's.
         served = client.post("/v1/embeddings", headers={"Authorization": "Bearer sk-first-key"}, json={})
         assert served.status_code == 400 and served.json()["error"]["code"] == "unsupported_operation"
+
+
+def test_health_stays_open_under_a_route_prefix(tenants):
+    """Serve runs an application under its route prefix with the prefix as the root path."""
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/health", ok), Route("/v1/models", ok)])
+    app.add_middleware(TenantMiddleware)
+    client = TestClient(app, root_path="/tenants")
+    assert client.get("/tenants/health").status_code == 200
+    assert client.get("/tenants/v1/models").status_code == 401

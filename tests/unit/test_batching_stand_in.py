@@ -77,3 +77,34 @@ def test_a_request_left_early_leaves_the_batch():
         return engine.load(time.time())
 
     assert asyncio.run(scenario()).running == 0
+
+
+def test_waiting_requests_start_by_priority_and_each_is_charged_its_share_of_every_step():
+    cost = BatchingCostModel(step_s=0.004, per_sequence_s=0.001, per_prefill_token_s=0.0001, max_num_seqs=1)
+    charged: dict[str, float] = {}
+    finished: list[str] = []
+
+    async def request(engine: BatchingEngine, name: str, prompt_tokens: int, priority: int) -> None:
+        def charge(seconds: float) -> None:
+            charged[name] = charged.get(name, 0.0) + seconds
+
+        prompt = [len(name) * 1000 + i for i in range(prompt_tokens)]
+        async for _ in engine.generate(prompt, 3, priority, charge):
+            pass
+        finished.append(name)
+
+    async def scenario():
+        engine = BatchingEngine(cost, speed=1.0)
+        tasks = [asyncio.create_task(request(engine, "first", 10, 2))]
+        await asyncio.sleep(0)
+        for name, rank in (("low", 2), ("high", 0)):
+            tasks.append(asyncio.create_task(request(engine, name, 100, rank)))
+        await asyncio.gather(*tasks)
+        engine.close()
+
+    asyncio.run(scenario())
+    # One slot: the first runs, then high overtakes low, which came before it.
+    assert finished == ["first", "high", "low"]
+    # Alone in its batch, each is charged three steps, and its own prompt's prefill once.
+    assert charged["first"] == pytest.approx(3 * 0.005 + 10 * 0.0001)
+    assert charged["high"] == pytest.approx(3 * 0.005 + 100 * 0.0001)

@@ -1,11 +1,12 @@
 """Imports go one way: the HTTP front and the stages share a vocabulary, and neither imports the other.
 
 `serve/` holds two things. The vocabulary (config, API schema, errors, the
-messages between stages, checkpoint files, chat template, the byte-bounded LRU) is what every side
-uses, and imports neither side. The HTTP front (ingress, responses, grammar,
-sampling) and the stages (`deployments/`) each import the vocabulary and not
-each other; only the app builder and the CLI, which assemble the
-application, import `deployments/`. Autoscaling policies import neither side.
+messages between stages, checkpoint files, chat template, the byte-bounded LRU,
+the quota ledger's state) is what every side uses, and imports neither side.
+The HTTP front (ingress, responses, grammar, sampling) and the stages
+(`deployments/`) each import the vocabulary and not each other; only the app
+builder and the CLI, which assemble the application, import `deployments/`.
+Autoscaling policies import neither side.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VOCABULARY = (
     "serve.chat_template",
     "serve.demo_checkpoint",
     "serve.byte_budget_lru",
+    "serve.quotas",
 )
 ASSEMBLERS = ("serve.app", "serve.cli")
 

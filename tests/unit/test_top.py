@@ -3,7 +3,7 @@
 import pytest
 
 from serve.metrics import TIME_TO_FIRST_TOKEN
-from serve.top import WATCHED, Reading, Window, quantile, rates, view
+from serve.top import WATCHED, Reading, Window, quantile, rates, render, tenant_rows, view
 
 
 def reading(taken_at: float, text: str) -> Reading:
@@ -107,3 +107,104 @@ ray_grpc_server_req_process_time_ms_bucket{le="10"} 3
     assert "ray_tasks" not in after.samples
     assert "ray_grpc_server_req_process_time_ms_bucket" not in after.samples
     assert view(before, after) == view(BEFORE, AFTER)
+
+
+# Three tenants over 10 s on two ingress replicas (i1, i2). acme: 20 answers (18 x 200, one 429,
+# one 500), 3000 prompt + 1000 image tokens, 5000 completion tokens; i2 restarted between the
+# readings, so its counters count from zero. globex: 5 answers, all 200, fewer completion tokens,
+# and its first rejections (the counter is absent until the first). idle: only in flight.
+TENANTS_BEFORE_TEXT = """
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="200",error_code="",replica="i1"} 100
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="200",error_code="",replica="i2"} 50
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="429",error_code="quota",replica="i1"} 4
+ray_ministral_tenant_requests_total{model="m",tenant="globex",status="200",error_code="",replica="i1"} 30
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="acme",replica="i1"} 10000
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="acme",replica="i2"} 9000
+ray_ministral_tenant_image_tokens_total{model="m",tenant="acme",replica="i1"} 2000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="acme",replica="i1"} 40000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="acme",replica="i2"} 30000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="globex",replica="i1"} 7000
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="globex",replica="i1"} 500
+"""
+TENANTS_AFTER_TEXT = """
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="200",error_code="",replica="i1"} 110
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="200",error_code="",replica="i2"} 8
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="429",error_code="quota",replica="i1"} 5
+ray_ministral_tenant_requests_total{model="m",tenant="acme",status="500",error_code="internal",replica="i2"} 1
+ray_ministral_tenant_requests_total{model="m",tenant="globex",status="200",error_code="",replica="i1"} 35
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="acme",replica="i1"} 12000
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="acme",replica="i2"} 1000
+ray_ministral_tenant_image_tokens_total{model="m",tenant="acme",replica="i1"} 3000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="acme",replica="i1"} 43000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="acme",replica="i2"} 2000
+ray_ministral_tenant_completion_tokens_total{model="m",tenant="globex",replica="i1"} 8000
+ray_ministral_tenant_prompt_tokens_total{model="m",tenant="globex",replica="i1"} 700
+ray_ministral_tenant_rejections_total{model="m",tenant="globex",reason="requests_per_minute",replica="i1"} 3
+ray_ministral_tenant_rejections_total{model="m",tenant="globex",reason="queue_full",replica="i2"} 1
+ray_ministral_tenant_requests_in_flight{model="m",tenant="acme",replica="i1"} 3
+ray_ministral_tenant_requests_in_flight{model="m",tenant="acme",replica="i2"} 4
+ray_ministral_tenant_requests_in_flight{model="m",tenant="globex",replica="i1"} 1
+ray_ministral_tenant_requests_in_flight{model="m",tenant="idle",replica="i2"} 2
+"""
+TENANTS_BEFORE = reading(200.0, TENANTS_BEFORE_TEXT)
+TENANTS_AFTER = reading(210.0, TENANTS_AFTER_TEXT)
+
+
+def test_each_tenant_gets_its_rates_error_share_in_flight_and_rejections():
+    rows = {row.tenant: row for row in tenant_rows(TENANTS_BEFORE, TENANTS_AFTER)}
+    acme, globex, idle = rows["acme"], rows["globex"], rows["idle"]
+    # 10 (i1) + 8 (i2 restarted) + 1 (429) + 1 (500, new) answers in 10 s; 2 of 20 not 2xx.
+    assert acme.requests_per_s == pytest.approx(2.0)
+    assert acme.error_share == pytest.approx(0.1)
+    # Prompt 2000 + 1000 (i2 from zero), image 1000: 4000 in 10 s.
+    assert acme.prompt_tokens_per_s == pytest.approx(400.0)
+    # 3000 (i1) + 2000 (i2 from zero).
+    assert acme.completion_tokens_per_s == pytest.approx(500.0)
+    assert acme.in_flight == 7
+    assert acme.rejections_per_s == 0.0
+    assert globex.requests_per_s == pytest.approx(0.5)
+    assert globex.error_share == 0.0
+    assert globex.prompt_tokens_per_s == pytest.approx(20.0)
+    assert globex.completion_tokens_per_s == pytest.approx(100.0)
+    assert globex.in_flight == 1
+    # Both reasons, both replicas; the counters first appeared within the window.
+    assert globex.rejections_per_s == pytest.approx(0.4)
+    # No answers in the window: no share to show, rather than 0% errors.
+    assert (idle.requests_per_s, idle.error_share, idle.in_flight) == (0.0, None, 2)
+
+
+def test_tenants_are_sorted_by_completion_tokens_per_second_busiest_first():
+    assert [row.tenant for row in tenant_rows(TENANTS_BEFORE, TENANTS_AFTER)] == ["acme", "globex", "idle"]
+    # Swap the two busy tenants' completion counters: the order follows.
+    swapped = TENANTS_AFTER_TEXT.replace('"acme",replica="i1"} 43000', '"acme",replica="i1"} 40000')
+    swapped = swapped.replace('"globex",replica="i1"} 8000', '"globex",replica="i1"} 17000')
+    rows = tenant_rows(TENANTS_BEFORE, reading(210.0, swapped))
+    assert [row.tenant for row in rows] == ["globex", "acme", "idle"]
+    assert [row.completion_tokens_per_s for row in rows] == [
+        pytest.approx(1000.0),
+        pytest.approx(200.0),
+        0.0,
+    ]
+
+
+def test_the_view_and_the_watched_series_carry_the_tenants():
+    before = Reading.parse(BEFORE_TEXT + TENANTS_BEFORE_TEXT, 200.0, WATCHED)
+    after = Reading.parse(AFTER_TEXT + TENANTS_AFTER_TEXT, 210.0, WATCHED)
+    assert view(before, after).tenants == tenant_rows(TENANTS_BEFORE, TENANTS_AFTER)
+    # The readings without tenant series (no tenants file, an older service): no rows.
+    assert view(BEFORE, AFTER).tenants == []
+
+
+def test_the_tenants_table_shows_each_tenant_in_order():
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render(view(TENANTS_BEFORE, TENANTS_AFTER), "http://metrics"))
+    text = console.export_text()
+    cells = [line.replace("│", " ").split() for line in text[text.index("Tenants") :].splitlines()]
+    rows = [line for line in cells if line and line[0] in ("acme", "globex", "idle")]
+    assert rows == [
+        ["acme", "2.00", "10.0%", "400.0", "500.0", "7", "0.00"],
+        ["globex", "0.50", "0.0%", "20.0", "100.0", "1", "0.40"],
+        ["idle", "0.00", "-", "0.0", "0.0", "2", "0.00"],
+    ]
