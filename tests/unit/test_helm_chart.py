@@ -209,6 +209,7 @@ EVERY_OPTION = {
     "ingress": {"enabled": True, "hosts": [{"host": "llm.example.com"}]},
     "httpRoute": {"enabled": True, "parentRefs": [{"name": "shared"}]},
     "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}],
+    "auth": {"tenantsSecret": {"name": "ministral-tenants"}},
 }
 
 
@@ -301,6 +302,11 @@ def test_gpus_per_worker_split_the_layout_across_pods(chart):
         ({"workers": {"gpusPerWorker": 0}}, "at '/workers/gpusPerWorker': minimum: got 0"),
         ({"rayAutoscaling": {"enabled": "yes"}}, "at '/rayAutoscaling/enabled'"),
         ({"layuot": "1gpu"}, "additional properties 'layuot' not allowed"),
+        (
+            {"auth": {"tenantsSecret": {"name": "t", "subPath": "tenants.yaml"}}},
+            "additional properties 'subPath' not allowed",
+        ),
+        ({"auth": {"tenantsSecret": {"name": "t", "key": "a/b"}}}, "at '/auth/tenantsSecret/key'"),
     ],
 )
 def test_bad_values_fail_with_the_schemas_message(chart, values, message):
@@ -338,6 +344,7 @@ def test_without_api_keys_the_chart_renders_only_when_told_to_serve_the_api_open
     message = str(failure.value)
     assert "no API keys: every Ray pod serves the API on 0.0.0.0:8000" in message
     assert "Set apiKeys.secretName" in message and "or auth.allowAnonymous: true" in message
+    assert "auth.tenantsSecret.name" in message
     # Open on purpose: the Serve config is told too, so the service itself knows.
     (application,) = serve_config(
         one(render(chart, {"auth": {"allowAnonymous": True}}, keys=False), "RayService")
@@ -354,6 +361,102 @@ def test_without_api_keys_the_chart_renders_only_when_told_to_serve_the_api_open
             name="prod",
             namespace="llm",
         )
+
+
+TENANTS = {"auth": {"tenantsSecret": {"name": "ministral-tenants", "key": "tenants-v2.yaml"}}}
+TENANTS_DIR = "/etc/ministral/tenants"
+
+
+def test_a_tenants_secret_is_mounted_in_every_ray_container_and_named_in_the_serve_config(chart):
+    values = {
+        **TENANTS,
+        "layout": "4gpu-dp",
+        "workers": {"gpusPerWorker": 1},
+        "serveConfig": {"applicationArgs": {"auth": {"api_keys": ["sk-1"], "tenants_reload_s": 5}}},
+    }
+    objects = render(chart, values)
+    for manifest in objects:
+        validate(manifest)
+    rayservice = one(objects, "RayService")
+    for pod in kuberay_pods(rayservice):
+        validate(pod)
+    # The application builder sees the file (it deploys the quota ledger for it); the given auth stays.
+    (application,) = serve_config(rayservice)["applications"]
+    assert application["args"]["auth"] == {
+        "api_keys": ["sk-1"],
+        "tenants_reload_s": 5,
+        "tenants_file": f"{TENANTS_DIR}/tenants.yaml",
+    }
+    assert AppConfig.model_validate(application["args"]).auth.tenants_file == f"{TENANTS_DIR}/tenants.yaml"
+    for group in groups(rayservice):
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        # The whole volume, read-only: a subPath mount would never see the Secret change.
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tenants"]
+        assert mount == {"name": "tenants", "mountPath": TENANTS_DIR, "readOnly": True}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+        assert volume["secret"] == {
+            "secretName": "ministral-tenants",
+            "items": [{"key": "tenants-v2.yaml", "path": "tenants.yaml"}],
+            # Root's and the pod's fsGroup's (100), which the Ray user (1000:100) is in.
+            "defaultMode": 0o440,
+        }
+        assert pod["securityContext"]["fsGroup"] == 100
+        # The Secret's path wins nowhere else: the environment does not name another file.
+        assert "MINISTRAL_TENANTS_FILE" not in {e["name"] for e in container["env"]}
+    # The workers' init container, which copies the mounts, sees the volume too.
+    _, worker = kuberay_pods(rayservice)
+    (init,) = worker["spec"]["initContainers"]
+    assert {"name": "tenants", "mountPath": TENANTS_DIR, "readOnly": True} in init["volumeMounts"]
+    # Without an fsGroup the file is root's alone: then readable by all, so the Ray user reads it.
+    loosened = one(render(chart, {**TENANTS, "securityContext": {"fsGroup": None}}), "RayService")
+    for group in groups(loosened):
+        (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "tenants"]
+        assert volume["secret"]["defaultMode"] == 0o444
+
+
+def test_without_a_tenants_secret_nothing_is_mounted_and_the_serve_config_names_no_file(chart):
+    rayservice = one(render(chart), "RayService")
+    (application,) = serve_config(rayservice)["applications"]
+    assert "tenants_file" not in application["args"].get("auth", {})
+    for group in groups(rayservice):
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert "tenants" not in {v["name"] for v in pod["volumes"]}
+        assert TENANTS_DIR not in {m["mountPath"] for m in container["volumeMounts"]}
+        assert "tenants" not in {m["name"] for m in container["volumeMounts"]}
+
+
+def test_a_tenants_secret_counts_as_api_keys(chart):
+    rayservice = one(
+        render(chart, {"auth": {"tenantsSecret": {"name": "ministral-tenants"}}}, keys=False), "RayService"
+    )
+    validate(rayservice)
+    (application,) = serve_config(rayservice)["applications"]
+    assert application["args"]["auth"] == {"tenants_file": f"{TENANTS_DIR}/tenants.yaml"}
+    (volume,) = [v for v in groups(rayservice)[0]["template"]["spec"]["volumes"] if v["name"] == "tenants"]
+    assert volume["secret"]["items"] == [{"key": "tenants.yaml", "path": "tenants.yaml"}]
+    env = {e["name"] for e in groups(rayservice)[0]["template"]["spec"]["containers"][0]["env"]}
+    assert "MINISTRAL_API_KEYS" not in env
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {**TENANTS, "serveConfig": {"applicationArgs": {"auth": {"tenants_file": "/models/t.yaml"}}}},
+            "serveConfig.applicationArgs.auth.tenants_file: auth.tenantsSecret mounts the tenants file",
+        ),
+        (
+            {**TENANTS, "extraEnv": [{"name": "MINISTRAL_TENANTS_FILE", "value": "/tmp/t.yaml"}]},
+            "extraEnv sets MINISTRAL_TENANTS_FILE, which would replace the tenants file",
+        ),
+    ],
+)
+def test_a_second_tenants_file_beside_the_secret_fails_rendering(chart, values, message):
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(chart, values)
+    assert message in str(failure.value)
 
 
 def test_overrides_are_merged_into_the_generated_config(chart):

@@ -42,10 +42,16 @@ labels:
 {{- .Files.Get "files/serve-configs/front-door.json" -}}
 {{- end -}}
 
+{{/* Where the tenants file of auth.tenantsSecret is mounted in every Ray container. */}}
+{{- define "ministral-serve.tenantsDir" -}}
+/etc/ministral/tenants
+{{- end -}}
+
 {{/*
 The layout's generated Serve config with the values' overrides applied:
 serveConfig.applicationArgs deep-merged into the application's args, then
-model.source and auth.allowAnonymous.
+model.source, auth.allowAnonymous and auth.tenantsSecret (as auth.tenants_file:
+the application builder reads it to deploy the quota ledger).
 */}}
 {{- define "ministral-serve.serveConfig" -}}
 {{- $config := .Files.Get (printf "files/serve-configs/%s.yaml" .Values.layout) | fromYaml -}}
@@ -54,6 +60,10 @@ model.source and auth.allowAnonymous.
 {{- $_ := set $args "model" (mergeOverwrite (deepCopy (default (dict) $args.model)) (dict "source" .Values.model.source)) -}}
 {{- if .Values.auth.allowAnonymous -}}
 {{- $_ := set $args "auth" (mergeOverwrite (deepCopy (default (dict) $args.auth)) (dict "allow_anonymous" true)) -}}
+{{- end -}}
+{{- if .Values.auth.tenantsSecret.name -}}
+{{- $tenantsFile := printf "%s/tenants.yaml" (include "ministral-serve.tenantsDir" .) -}}
+{{- $_ := set $args "auth" (mergeOverwrite (deepCopy (default (dict) $args.auth)) (dict "tenants_file" $tenantsFile)) -}}
 {{- end -}}
 {{- $_ := set $application "args" $args -}}
 {{- $_ := set $config "applications" (list $application) -}}
@@ -146,6 +156,12 @@ extraEnv (which may change only the front door's tunable variables).
 - name: model-cache
   mountPath: {{ .Values.model.cache.mountPath }}
 {{- end }}
+{{- if .Values.auth.tenantsSecret.name }}
+# A whole-volume mount, never subPath: the kubelet updates it when the Secret changes.
+- name: tenants
+  mountPath: {{ include "ministral-serve.tenantsDir" . }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* The pod spec fields head and workers share. Argument: (list $ "head"|"worker"). */}}
@@ -183,6 +199,16 @@ volumes:
   - name: model-cache
     persistentVolumeClaim:
       claimName: {{ . }}
+  {{- end }}
+  {{- with $.Values.auth.tenantsSecret.name }}
+  # The tenants file: owned by root and, with the pod's fsGroup, by its group, which
+  # the Ray user belongs to (0440); without an fsGroup, readable by all (0444).
+  - name: tenants
+    secret:
+      secretName: {{ . }}
+      defaultMode: {{ if (default (dict) $.Values.securityContext).fsGroup }}0440{{ else }}0444{{ end }}
+      items:
+        - {key: {{ $.Values.auth.tenantsSecret.key | quote }}, path: tenants.yaml}
   {{- end }}
   {{- if and (eq $nodeType "head") $.Values.rayAutoscaling.enabled (not $.Values.serviceAccount.automountServiceAccountToken) }}
   # The Kubernetes API credentials of KubeRay's autoscaler sidecar alone
