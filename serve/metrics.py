@@ -155,9 +155,9 @@ TENANT_REQUESTS = _ours(
     "short",
     (*TENANT_LABELS, "status", "error_code"),
     "ingress",
-    "Generation requests answered, by tenant (a name from the tenants file; `default` for the keys "
-    "of auth.api_keys, `anonymous` without keys, `unknown` for a key that matched none), status "
-    "code and OpenAI error code.",
+    "Requests answered on every route but /health, by tenant (a name from the tenants file; "
+    "`default` for the keys of auth.api_keys, `anonymous` without keys, `unknown` for a key that "
+    "matched none), status code and OpenAI error code.",
 )
 TENANT_PROMPT_TOKENS = _ours(
     "tenant_prompt_tokens",
