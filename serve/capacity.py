@@ -45,6 +45,154 @@ GPU_MEMORY_GIB: dict[str, float] = {
     "H200": 139.8,
 }
 
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """A card's datasheet figures that throughput depends on (serve/throughput.py).
+
+    Tensor-core peaks are dense: vendors headline 2:4 sparsity, twice these.
+    Link figures are both directions together, as vendors quote them.
+    """
+
+    memory_bandwidth_gb_s: float
+    # BF16 tensor cores; the T4 has no BF16, and vLLM runs it in FP16, whose figure this is.
+    dense_bf16_tflops: float
+    # None: no FP8 tensor cores (vLLM runs FP8 weights there as weight-only FP8, in BF16 maths).
+    dense_fp8_tflops: float | None
+    pcie_gb_s: float
+    # GPU-to-GPU NVLink of one GPU; None: the GPUs talk over PCIe.
+    nvlink_gb_s: float | None
+    # GPUs one NVLink domain joins (an HGX board: 8; a bridge or NVL2: 2); beyond it, PCIe.
+    nvlink_gpus: int
+    source: str
+
+
+H100_PAGE = "https://www.nvidia.com/en-us/data-center/h100/"
+A100_DATASHEET = (
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+    "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+)
+
+# One entry per GPU_MEMORY_GIB name (a test keeps the two tables in step). Hopper's dense
+# peaks (989.4 BF16, 1,978.9 FP8) are the Hopper whitepaper's; its pages quote twice them.
+GPU_SPECS: dict[str, GPUSpec] = {
+    "T4": GPUSpec(
+        memory_bandwidth_gb_s=320,
+        dense_bf16_tflops=65,
+        dense_fp8_tflops=None,
+        pcie_gb_s=32,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://www.nvidia.com/en-us/data-center/tesla-t4/",
+    ),
+    # AWS's variant of the A10 (G5 instances), without an NVIDIA datasheet: the A10's memory, and
+    # tensor cores at the GeForce rate (70 TFLOPS BF16 dense, against the A10's 125).
+    "A10G": GPUSpec(
+        memory_bandwidth_gb_s=600,
+        dense_bf16_tflops=70,
+        dense_fp8_tflops=None,
+        pcie_gb_s=64,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://www.baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference/",
+    ),
+    "L4": GPUSpec(
+        memory_bandwidth_gb_s=300,
+        dense_bf16_tflops=121,
+        dense_fp8_tflops=242.5,
+        pcie_gb_s=64,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://www.nvidia.com/en-us/data-center/l4/",
+    ),
+    # GeForce: FP32-accumulate tensor maths at half the FP16-accumulate rate; the figures vLLM gets.
+    "RTX4090": GPUSpec(
+        memory_bandwidth_gb_s=1008,
+        dense_bf16_tflops=165.2,
+        dense_fp8_tflops=330.3,
+        pcie_gb_s=64,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf",
+    ),
+    # The SXM4 module (e.g. AWS p4d), on an HGX board.
+    "A100-40GB": GPUSpec(
+        memory_bandwidth_gb_s=1555,
+        dense_bf16_tflops=312,
+        dense_fp8_tflops=None,
+        pcie_gb_s=64,
+        nvlink_gb_s=600,
+        nvlink_gpus=8,
+        source=A100_DATASHEET,
+    ),
+    "L40S": GPUSpec(
+        memory_bandwidth_gb_s=864,
+        dense_bf16_tflops=362.05,
+        dense_fp8_tflops=733,
+        pcie_gb_s=64,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://www.nvidia.com/en-us/data-center/l40s/",
+    ),
+    # A two-card NVLink bridge (112.5 GB/s) exists; rented machines rarely carry one.
+    "A6000": GPUSpec(
+        memory_bandwidth_gb_s=768,
+        dense_bf16_tflops=154.8,
+        dense_fp8_tflops=None,
+        pcie_gb_s=64,
+        nvlink_gb_s=None,
+        nvlink_gpus=1,
+        source="https://www.nvidia.com/en-us/design-visualization/rtx-a6000/",
+    ),
+    "A100-80GB": GPUSpec(
+        memory_bandwidth_gb_s=2039,
+        dense_bf16_tflops=312,
+        dense_fp8_tflops=None,
+        pcie_gb_s=64,
+        nvlink_gb_s=600,
+        nvlink_gpus=8,
+        source=A100_DATASHEET,
+    ),
+    "H100": GPUSpec(
+        memory_bandwidth_gb_s=3350,
+        dense_bf16_tflops=989.4,
+        dense_fp8_tflops=1978.9,
+        pcie_gb_s=128,
+        nvlink_gb_s=900,
+        nvlink_gpus=8,
+        source=H100_PAGE,
+    ),
+    # PCIe cards joined in pairs by NVLink bridges.
+    "H100-NVL": GPUSpec(
+        memory_bandwidth_gb_s=3900,
+        dense_bf16_tflops=835.5,
+        dense_fp8_tflops=1670.5,
+        pcie_gb_s=128,
+        nvlink_gb_s=600,
+        nvlink_gpus=2,
+        source=H100_PAGE,
+    ),
+    # The 96 GB HBM3 superchip; two join over NVLink as GH200 NVL2, more over the network.
+    "GH200": GPUSpec(
+        memory_bandwidth_gb_s=4000,
+        dense_bf16_tflops=989.4,
+        dense_fp8_tflops=1978.9,
+        pcie_gb_s=128,
+        nvlink_gb_s=900,
+        nvlink_gpus=2,
+        source="https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/",
+    ),
+    "H200": GPUSpec(
+        memory_bandwidth_gb_s=4800,
+        dense_bf16_tflops=989.4,
+        dense_fp8_tflops=1978.9,
+        pcie_gb_s=128,
+        nvlink_gb_s=900,
+        nvlink_gpus=8,
+        source="https://www.nvidia.com/en-us/data-center/h200/",
+    ),
+}
+
 # Estimates of what vLLM measures at start-up, per GPU (see reserve_bytes).
 NON_TORCH_BYTES = int(0.5 * GIB)  # cuBLAS/cuBLASLt workspaces, allocator slack
 NCCL_BYTES_PER_PEER = int(0.125 * GIB)  # collective buffers of a multi-GPU engine

@@ -134,9 +134,64 @@ def _integers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
 
 
+# The GPU `plan` reads when given neither --gpu nor --gpu-memory-gib.
+PLAN_GPU = "H100"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value:g}")
+    return value
+
+
+def _gpu_price(text: str) -> tuple[str, float]:
+    from serve.capacity import GPU_SPECS
+
+    gpu, _, price = text.partition("=")
+    if gpu not in GPU_SPECS:
+        raise argparse.ArgumentTypeError(
+            f"expected GPU=PRICE with a GPU among {', '.join(GPU_SPECS)}, not {text!r}"
+        )
+    return gpu, _positive_float(price)
+
+
+def _plan_flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a `plan` command line's combination of flags, if anything."""
+    load = args.for_load is not None
+    modelled = "--tps" if args.tps else "--for-load" if load else None
+    if args.tps and load:
+        return "--tps and --for-load answer different questions: give one of them"
+    if modelled and args.gpu_memory_gib is not None:
+        return (
+            f"{modelled} needs a catalogue GPU (--gpu NAME) for its memory bandwidth, FLOPs and links; "
+            "--gpu-memory-gib plans memory only"
+        )
+    if not modelled and (args.prompt_tokens or args.output_tokens):
+        return (
+            "--prompt-tokens and --output-tokens shape the requests of --tps or --for-load: add one of them"
+        )
+    if args.price_per_hour is not None and not modelled:
+        return "--price-per-hour prices the modelled tokens/s: add --tps (or --for-load)"
+    if not load and (args.ttft_p95 is not None or args.tpot_p95 is not None or args.price_per_hour_of):
+        return "--ttft-p95, --tpot-p95 and --price-per-hour-of are for --for-load RPS"
+    if load and (args.ttft_p95 is None or args.tpot_p95 is None):
+        return "--for-load needs its targets: --ttft-p95 SECONDS and --tpot-p95 SECONDS"
+    if load and args.price_per_hour is not None and args.gpu is None:
+        return (
+            "--price-per-hour prices the one --gpu: name it, or price GPUs for --for-load with "
+            "--price-per-hour-of GPU=PRICE"
+        )
+    return None
+
+
 def _plan(args: argparse.Namespace) -> None:
     import json
 
+    from serve import throughput
     from serve.capacity import (
         GPU_MEMORY_GIB,
         PUBLISHED_TEXT_MODEL,
@@ -147,17 +202,16 @@ def _plan(args: argparse.Namespace) -> None:
     )
     from serve.layouts import get_layout
 
-    if args.gpu_memory_gib is not None:
-        memory, label = args.gpu_memory_gib, "GPUs"
-    else:
-        memory, label = GPU_MEMORY_GIB[args.gpu], f"{args.gpu} GPUs"
+    problem = _plan_flag_problem(args)
+    if problem:
+        sys.exit(f"plan: {problem}")
+    gpu = args.gpu or PLAN_GPU
     model = PUBLISHED_TEXT_MODEL
     if args.checkpoint:
         model = TextModel.from_config(
             json.loads((args.checkpoint / "config.json").read_text())["text_config"]
         )
     settings = dict(
-        gpu_memory_gib=memory,
         variant=args.variant,
         model=model,
         max_model_len=args.max_model_len,
@@ -165,12 +219,61 @@ def _plan(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         gpus_per_node=args.gpus_per_node,
     )
-    plans = [plan_layout(get_layout(args.layout), **settings)] if args.layout else plan_all(**settings)
+
+    def plans_on(memory: float) -> list:
+        if args.layout:
+            return [plan_layout(get_layout(args.layout), gpu_memory_gib=memory, **settings)]
+        return plan_all(gpu_memory_gib=memory, **settings)
+
+    shape = throughput.RequestShape(
+        prompt_tokens=args.prompt_tokens or throughput.RequestShape.prompt_tokens,
+        output_tokens=args.output_tokens or throughput.RequestShape.output_tokens,
+    )
+    if (args.tps or args.for_load) and shape.tokens > args.max_model_len:
+        sys.exit(
+            f"plan: a request of {shape.prompt_tokens:,} + {shape.output_tokens:,} tokens does not fit "
+            f"--max-model-len {args.max_model_len:,}"
+        )
+    modelled = dict(max_num_seqs=args.max_num_seqs, variant=args.variant, model=model)
+    if args.for_load is not None:
+        gpus = [args.gpu] if args.gpu else list(GPU_MEMORY_GIB)
+        prices = dict(args.price_per_hour_of or [])
+        if args.price_per_hour is not None:
+            prices[gpu] = args.price_per_hour
+        target = throughput.LoadTarget(args.for_load, shape, args.ttft_p95, args.tpot_p95)
+        plans = {name: plans_on(GPU_MEMORY_GIB[name]) for name in gpus}
+        options = throughput.options_for_load(target, plans, prices=prices, **modelled)
+        if not options:
+            sys.exit(f"plan: {throughput.no_option_message(target, gpus)}")
+        if args.json:
+            print(json.dumps([option.as_dict() for option in options], indent=2))
+        else:
+            print(throughput.format_load_table(options, target))
+        return
+
+    if args.gpu_memory_gib is not None:
+        memory, label = args.gpu_memory_gib, "GPUs"
+    else:
+        memory, label = GPU_MEMORY_GIB[gpu], f"{gpu} GPUs"
+    plans = plans_on(memory)
+    results = []
+    if args.tps:
+        results = [
+            throughput.layout_throughput(plan, gpu, shape, price_per_gpu_hour=args.price_per_hour, **modelled)
+            for plan in plans
+        ]
     if args.json:
         payload = [plan.as_dict() for plan in plans]
+        if results:
+            payload = [fields | result.as_dict() for fields, result in zip(payload, results, strict=True)]
         print(json.dumps(payload[0] if args.layout else payload, indent=2))
-    else:
-        print(format_table(plans, gpu_label=label))
+        return
+    print(format_table(plans, gpu_label=label))
+    if args.gpu_memory_gib is None:
+        print(throughput.gpu_summary(gpu))
+    if results:
+        print()
+        print(throughput.format_throughput_table(plans, results))
 
 
 def _write_generated(files: dict[Path, str], *, check: bool, source: str, command: str) -> None:
@@ -296,6 +399,7 @@ def _hash_key(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     from serve.capacity import GPU_MEMORY_GIB
     from serve.layouts import LAYOUTS
+    from serve.throughput import RequestShape
 
     parser = argparse.ArgumentParser(prog="ministral-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -346,9 +450,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     gpu = plan.add_mutually_exclusive_group()
     gpu.add_argument(
-        "--gpu", default="H100", choices=sorted(GPU_MEMORY_GIB), help="a common GPU (default H100)"
+        "--gpu",
+        choices=sorted(GPU_MEMORY_GIB),
+        help=f"a common GPU (default {PLAN_GPU}); --for-load without it ranks every one",
     )
-    gpu.add_argument("--gpu-memory-gib", type=float, help="memory of each GPU, in GiB")
+    gpu.add_argument("--gpu-memory-gib", type=float, help="memory of each GPU, in GiB (memory only)")
     plan.add_argument("--layout", help="one layout (default: a table of all)")
     plan.add_argument("--variant", default="instruct", choices=["instruct", "instruct-bf16", "reasoning"])
     plan.add_argument("--checkpoint", type=Path, help="read the model's dimensions from this checkpoint")
@@ -357,6 +463,43 @@ def main(argv: list[str] | None = None) -> None:
     plan.add_argument("--max-num-seqs", type=int, default=64, help="engine.max_num_seqs (default 64)")
     plan.add_argument("--gpus-per-node", type=int, help="flag layouts whose TP group needs more")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument(
+        "--tps",
+        action="store_true",
+        help="add modelled decode tokens/s (one stream, and at each layout's concurrency) and TTFT",
+    )
+    plan.add_argument(
+        "--prompt-tokens",
+        type=_positive_int,
+        help=f"prompt of a request, for --tps and --for-load (default {RequestShape.prompt_tokens})",
+    )
+    plan.add_argument(
+        "--output-tokens",
+        type=_positive_int,
+        help=f"output of a request, for --tps and --for-load (default {RequestShape.output_tokens})",
+    )
+    plan.add_argument(
+        "--price-per-hour",
+        type=_positive_float,
+        metavar="USD",
+        help="dollars per GPU-hour of --gpu: adds $/M output tokens at full concurrency to --tps",
+    )
+    plan.add_argument(
+        "--for-load",
+        type=_positive_float,
+        metavar="RPS",
+        help="rank layouts x GPUs (--gpu, or every catalogue GPU) that serve RPS requests/s within "
+        "--ttft-p95 and --tpot-p95, cheapest first (by GPUs without prices)",
+    )
+    plan.add_argument("--ttft-p95", type=_positive_float, metavar="SECONDS", help="target of --for-load")
+    plan.add_argument("--tpot-p95", type=_positive_float, metavar="SECONDS", help="target of --for-load")
+    plan.add_argument(
+        "--price-per-hour-of",
+        type=_gpu_price,
+        action="append",
+        metavar="GPU=USD",
+        help="dollars per GPU-hour of a catalogue GPU, for --for-load (repeat for several)",
+    )
     plan.set_defaults(handler=_plan)
 
     configs = commands.add_parser("configs", help="write the Serve config of every layout preset")
