@@ -60,6 +60,20 @@ def process_group(title: str, name: str = "") -> str:
     return RUNTIME
 
 
+# The groups whose processes start the engine: what they spawn is the engine's.
+ENGINE_PARENTS = frozenset({"decoder", "server", "api server"})
+
+
+def group_with_ancestors(title: str, name: str, ancestor_titles: list[str]) -> str:
+    """`process_group`, but a process it cannot place that a decoder or a server started is the
+    engine's: a spawned engine process whose title setproctitle did not rewrite (CI saw one keep
+    `python -c from multiprocessing.spawn ...` and `python` as its name) is still the engine."""
+    group = process_group(title, name)
+    if group == RUNTIME and any(process_group(ancestor) in ENGINE_PARENTS for ancestor in ancestor_titles):
+        return ENGINE
+    return group
+
+
 def serving_cpu_s(cpu_s: dict[str, float]) -> float:
     """CPU seconds of every group but the engine's."""
     return sum(seconds for group, seconds in cpu_s.items() if group != ENGINE)
@@ -104,5 +118,6 @@ def _readings(mark: str) -> dict[int, tuple[str, float]]:
                 times = process.cpu_times()
                 name = process.name()
                 title = " ".join(process.cmdline()) or name
-            readings[pid] = (process_group(title, name), times.user + times.system)
+            ancestors = [" ".join(parent.cmdline()) or parent.name() for parent in process.parents()]
+            readings[pid] = (group_with_ancestors(title, name, ancestors), times.user + times.system)
     return readings

@@ -12,7 +12,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from benchmarks.cpu_use import ENGINE, RUNTIME, CpuMeter, per_1k_tokens, process_group, serving_cpu_s
+from benchmarks.cpu_use import (
+    ENGINE,
+    RUNTIME,
+    CpuMeter,
+    group_with_ancestors,
+    per_1k_tokens,
+    process_group,
+    serving_cpu_s,
+)
 from benchmarks.stacks import SERVER_MARK
 
 
@@ -148,3 +156,16 @@ def _retitled_child(parent_pid: int, title: str) -> psutil.Process:
                 return child
         time.sleep(0.05)
     raise AssertionError(f"no child of {parent_pid} took the title {title}")
+
+
+def test_an_untitled_process_a_decoder_or_server_started_is_the_engines():
+    spawned = "/venv/bin/python -B -c from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=79)"
+    decoder = "ray::ServeReplica:ministral:Decoder"
+    assert group_with_ancestors(spawned, "python", [decoder, "raylet", "ministral-serve run"]) == ENGINE
+    vllm_server = "python -m vllm.entrypoints.openai.api_server --model m"
+    assert group_with_ancestors(spawned, "python", [vllm_server]) == ENGINE
+    # Ray's own workers and a launcher's children stay Ray's.
+    assert group_with_ancestors(spawned, "python", ["raylet", "ministral-serve run"]) == RUNTIME
+    assert (
+        group_with_ancestors("ray::ServeReplica:ministral:Ingress", "ray::ServeRepl", [decoder]) == "ingress"
+    )
