@@ -257,6 +257,11 @@ def openai_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header for a wait of `seconds`: whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def rate_limit_headers(decision: QuotaDecision) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers, for the limits the tenant has; Retry-After when refused."""
     headers: dict[str, str] = {}
@@ -266,5 +271,5 @@ def rate_limit_headers(decision: QuotaDecision) -> dict[str, str]:
             headers[f"x-ratelimit-remaining-{unit}"] = str(window.remaining)
             headers[f"x-ratelimit-reset-{unit}"] = openai_duration(window.reset_s)
     if not decision.admitted:
-        headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after_s)))
+        headers.update(retry_after(decision.retry_after_s))
     return headers

@@ -45,6 +45,7 @@ from serve.quotas import (
     TenantLimits,
     TenantUsage,
     rate_limit_headers,
+    retry_after,
 )
 from serve.request_metrics import RequestUsage, usage_of
 from serve.tenants import (
@@ -294,16 +295,18 @@ class Tenancy:
             )
         except AdmissionRefused as refused:
             usage.refused_for = refused.reason
-            retry_after = str(max(1, math.ceil(refused.retry_after_s)))
             raise RateLimited(
-                str(refused), error_type="requests", headers={"Retry-After": retry_after}, code=refused.reason
+                str(refused),
+                error_type="requests",
+                headers=retry_after(refused.retry_after_s),
+                code=refused.reason,
             ) from None
         except TimeoutError:
             usage.refused_for = "timeout"
             raise RateLimited(
                 "the request waited for admission past its time limit (limits.request_timeout_s)",
                 error_type="requests",
-                headers={"Retry-After": "1"},
+                headers=retry_after(1),
                 code="timeout",
             ) from None
         usage.admitted_at = time.perf_counter()
